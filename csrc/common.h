@@ -1,0 +1,110 @@
+// Shared plumbing for the CPU kernels: buffer views, element types, runtime ISA dispatch,
+// threading. The kernels see plain pointers and sizes; nothing here knows torch.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace ncfast {
+
+// One build runs everywhere: the hot loops are compiled three times (AVX-512, AVX2+FMA,
+// baseline x86-64) and the loader picks the best clone for the running CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(NCFAST_NO_CLONES)
+#define NCFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NCFAST_CLONES
+#endif
+#define NCFAST_INLINE inline __attribute__((always_inline))
+
+// Element types the kernels read and write. bf16 travels as raw 16-bit words (numpy has no
+// bfloat16), fp16 as _Float16.
+struct bf16 {
+  uint16_t bits;
+};
+using f16 = _Float16;
+
+NCFAST_INLINE float to_float(bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+NCFAST_INLINE float to_float(f16 v) { return static_cast<float>(v); }
+NCFAST_INLINE float to_float(float v) { return v; }
+NCFAST_INLINE double to_float(double v) { return v; }
+
+// Accumulation type: fp32 for every 16/32-bit input, fp64 for fp64 (SPEC §1).
+template <typename T>
+struct acc_of {
+  using type = float;
+};
+template <>
+struct acc_of<double> {
+  using type = double;
+};
+
+// Rounds an accumulator value to the element type T.
+template <typename T>
+NCFAST_INLINE T from_acc(typename acc_of<T>::type v) {
+  return static_cast<T>(v);
+}
+template <>
+NCFAST_INLINE bf16 from_acc<bf16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  // Round to nearest even; NaN stays a (quiet) NaN.
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint32_t nan = (u >> 16) | 0x40u;
+  return bf16{static_cast<uint16_t>(v != v ? nan : rounded)};
+}
+
+// exp on the vector units: Cody-Waite range reduction and a degree-6 polynomial, accurate to
+// about 2 ulp in fp32, written branch-free so that `#pragma omp simd` loops vectorise it.
+// Arguments below the underflow threshold (-inf included) give exactly 0.
+NCFAST_INLINE float vexp(float x) {
+  const float lo = -87.33654f, hi = 88.72283f;
+  float xc = std::fmin(std::fmax(x, lo), hi);
+  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < lo ? 0.0f : y * scale;
+}
+NCFAST_INLINE double vexp(double x) { return std::exp(x); }
+
+// A strided 1-D or 2-D view of a Python buffer (a numpy array made from a tensor with
+// `.numpy()`, zero-copy). Strides are in elements.
+struct View {
+  void* data = nullptr;
+  int64_t rows = 0, cols = 1;
+  int64_t row_stride = 0, col_stride = 1;
+};
+
+// Checks a buffer's rank and item size and returns its view; raises ValueError naming `name`.
+View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable);
+
+// The number of threads a kernel may use, as the caller asked (torch.get_num_threads()).
+inline int thread_count(int requested) { return requested > 0 ? requested : 1; }
+
+void register_losses(py::module_& m);
+
+}  // namespace ncfast

@@ -1,0 +1,410 @@
+"""The fused loss family (SPEC §1): cross-entropy with label smoothing, focal loss and rescaled
+MSE, each computing loss and gradient in one pass.
+
+Layers, top to bottom:
+
+* public functions (``cross_entropy``, ``focal_loss``, ``rescaled_mse``) and ``nn.Module``s:
+  argument checking and torch's shape conventions;
+* two ``torch.library`` ops, ``ncfast::fused_loss`` (functional, returns ``(loss, grad)``,
+  with an autograd formula) and ``ncfast::fused_loss_`` (writes the gradient into the logits'
+  own storage, for ``inplace_backward=True``);
+* backend dispatch to the C++ kernel (CPU), the Triton kernel (CUDA) or the torch reference.
+
+The backward pass only scales the stored gradient by the incoming gradient (a scalar for
+"mean"/"sum", one factor per row for "none").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from .reference import losses as reference
+
+LOSSES = ("cross_entropy", "focal", "rescaled_mse")
+REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# backends: each fills ``grad`` (N, K) and returns (per-row loss w_y·ℓ_i, Σw of counted rows)
+# --------------------------------------------------------------------------------------------
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_float64(vector: Optional[Tensor]) -> Optional[Tensor]:
+    return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous()
+
+
+def _cpp_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
+    from . import _C
+
+    rows = torch.empty(logits.shape[0], dtype=_accumulation_dtype(logits.dtype))
+    total = _C.loss_forward(
+        _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad),
+        rows.numpy(), str(logits.dtype).removeprefix("torch."), LOSSES.index(loss),
+        params["label_smoothing"], params["gamma"], params["kappa"], params["beta"],
+        None if weight is None else _as_float64(weight).numpy(),
+        None if alpha is None else _as_float64(alpha).numpy(),
+        ignore_index, mean, torch.get_num_threads(),
+    )
+    return rows, total
+
+
+def _reference_rows(loss, logits, target, weight, alpha, params, ignore_index):
+    if loss == "cross_entropy":
+        return reference.cross_entropy_rows(logits, target, weight, ignore_index, params["label_smoothing"])
+    if loss == "focal":
+        return reference.focal_rows(logits, target, params["gamma"], alpha, weight, ignore_index)
+    return reference.rescaled_mse_rows(logits, target, params["kappa"], params["beta"], weight, ignore_index)
+
+
+def _torch_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
+    with torch.enable_grad():
+        z = logits.detach().to(_accumulation_dtype(logits.dtype)).requires_grad_(True)
+        rows = _reference_rows(loss, z, target, weight, alpha, params, ignore_index)
+        total = reference.total_weight(target, weight, ignore_index, z.dtype)
+        objective = rows.sum() / total if mean else rows.sum()
+        (g,) = torch.autograd.grad(objective, z)
+    grad.copy_(g)
+    return rows.detach(), total
+
+
+def _triton_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
+    from .triton_kernels import losses as kernels
+
+    return kernels.loss_forward(logits, target, weight, alpha, grad, LOSSES.index(loss), params, ignore_index, mean)
+
+
+_BACKEND_FORWARD = {"cpp": _cpp_forward, "torch": _torch_forward, "triton": _triton_forward}
+
+
+def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"target: value {int(target[i])} at index {i} is out of range [0, {num_classes}) "
+            f"and is not ignore_index={ignore_index}"
+        )
+
+
+def _forward(logits, target, weight, alpha, grad, loss, params, ignore_index, reduction) -> Tensor:
+    """Fills ``grad`` with ∂(reduced loss)/∂logits (per-row losses' gradients for "none") and
+    returns the reduced loss in the logits' dtype."""
+    backend = _backend.backend_for(logits)
+    if backend != "cpp" and target.device.type == "cpu":
+        _check_target_values(target, logits.shape[1], ignore_index)
+    if logits.stride(-1) != 1 and logits.shape[1] > 1:
+        logits = logits.contiguous()
+    rows, total = _BACKEND_FORWARD[backend](
+        logits, target, weight, alpha, grad, loss, params, ignore_index, reduction == "mean"
+    )
+    if reduction == "none":
+        return rows.to(logits.dtype)
+    value = rows.sum()
+    if reduction == "mean":
+        value = value / total
+    return value.to(logits.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops
+# --------------------------------------------------------------------------------------------
+def _params(label_smoothing: float, gamma: float, kappa: float, beta: float) -> dict:
+    return {"label_smoothing": label_smoothing, "gamma": gamma, "kappa": kappa, "beta": beta}
+
+
+@torch.library.custom_op("ncfast::fused_loss", mutates_args=(), device_types=None)
+def fused_loss(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Optional[Tensor], loss: str,
+    label_smoothing: float, gamma: float, kappa: float, beta: float, ignore_index: int, reduction: str,
+) -> tuple[Tensor, Tensor]:
+    """Loss and its gradient in one pass: ``(loss, grad)`` with ``grad`` of the logits' shape
+    and dtype. ``loss`` is one of :data:`LOSSES`; see :func:`cross_entropy` for the rest."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    value = _forward(logits, target, weight, alpha, grad, loss,
+                     _params(label_smoothing, gamma, kappa, beta), ignore_index, reduction)
+    return value, grad
+
+
+@fused_loss.register_fake
+def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction):
+    value = logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+    return value, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("ncfast::fused_loss_", mutates_args=("logits",), device_types=None)
+def fused_loss_(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Optional[Tensor], loss: str,
+    label_smoothing: float, gamma: float, kappa: float, beta: float, ignore_index: int, reduction: str,
+) -> Tensor:
+    """As :func:`fused_loss`, but the gradient overwrites ``logits``; returns the loss."""
+    params = _params(label_smoothing, gamma, kappa, beta)
+    if logits.stride(-1) == 1 or logits.shape[1] <= 1:
+        return _forward(logits, target, weight, alpha, logits, loss, params, ignore_index, reduction)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    value = _forward(logits, target, weight, alpha, grad, loss, params, ignore_index, reduction)
+    logits.copy_(grad)
+    return value
+
+
+@fused_loss_.register_fake
+def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction):
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+
+
+def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
+    """grad · grad_loss, in place when eager (the stored gradient is used once)."""
+    factor = grad_loss[:, None] if reduction == "none" else grad_loss
+    if torch.compiler.is_compiling():
+        return grad * factor
+    # The usual `loss.backward()` passes 1: skip a pass over N×K (no host sync on CUDA).
+    if reduction != "none" and grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+        return grad
+    return grad.mul_(factor)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[-1]
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    return (_scale_gradient(grad, grad_loss, ctx.reduction),) + (None,) * 10
+
+
+torch.library.register_autograd("ncfast::fused_loss", _backward, setup_context=_setup_context)
+
+
+class _InplaceFusedLoss(torch.autograd.Function):
+    """``inplace_backward=True``: the logits' storage holds the gradient after the forward.
+
+    The op bumps the logits' version counter, so a tensor that autograd saved elsewhere and
+    that shares this storage raises at backward instead of silently using the gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction):
+        value = torch.ops.ncfast.fused_loss_(
+            logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction
+        )
+        ctx.reduction = reduction
+        ctx.save_for_backward(logits)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (_scale_gradient(grad, grad_loss, ctx.reduction),) + (None,) * 10
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def _check_hyper(name: str, value: float, ok, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name}: expected {expected}, got {value}")
+    return value
+
+
+def _check_class_vector(name: str, vector: Tensor, logits: Tensor) -> Tensor:
+    if not isinstance(vector, Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape (K,) or None, got {type(vector).__name__}")
+    if not vector.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {vector.dtype}")
+    num_classes = logits.shape[-1] if logits.dim() <= 2 else logits.shape[1]
+    if vector.shape != (num_classes,):
+        raise ValueError(f"{name}: expected shape ({num_classes},) (one entry per class), got {tuple(vector.shape)}")
+    if vector.device != logits.device:
+        raise ValueError(f"{name}: is on {vector.device} but logits are on {logits.device}")
+    return vector
+
+
+def _as_rows(logits: Tensor, target: Tensor):
+    """torch's conventions: (K,) with a scalar target, (N, K) with (N,), or (N, K, d1, ...)
+    with (N, d1, ...). Returns 2-D logits, 1-D target and the shape of a per-sample output."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits: expected a tensor, got {type(logits).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target: expected a tensor, got {type(target).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits: expected float32, float64, bfloat16 or float16, got {logits.dtype}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target: expected integer class indices, got {target.dtype} (probability targets are not supported)"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target: is on {target.device} but logits are on {logits.device}")
+    if logits.dim() == 0:
+        raise ValueError("logits: expected shape (K,), (N, K) or (N, K, d1, ...), got a scalar")
+    if logits.dim() == 1:
+        expected = ()
+    else:
+        expected = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target: expected shape {expected} for logits of shape {tuple(logits.shape)}, got {tuple(target.shape)}")
+    num_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
+    if num_classes == 0:
+        raise ValueError("logits: the class dimension is empty (K = 0)")
+    if logits.dim() > 2:
+        logits = logits.movedim(1, -1)
+    return logits.reshape(-1, num_classes), target.reshape(-1).to(torch.int64), expected
+
+
+def _fused(loss, logits, target, weight, alpha, ignore_index, reduction, inplace_backward,
+           label_smoothing=0.0, gamma=0.0, kappa=1.0, beta=0.0) -> Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if weight is not None:
+        weight = _check_class_vector("weight", weight, logits)
+    if alpha is not None:
+        alpha = _check_class_vector("alpha", alpha, logits)
+    rows_logits, rows_target, sample_shape = _as_rows(logits, target)
+    args = (rows_target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction)
+    if inplace_backward:
+        if rows_logits.data_ptr() != logits.data_ptr() or rows_logits.stride() != logits.view(rows_logits.shape).stride():
+            raise ValueError("inplace_backward: needs logits whose rows are a view of their storage (N, K)")
+        value = _InplaceFusedLoss.apply(rows_logits, *args)
+    else:
+        value, _ = torch.ops.ncfast.fused_loss(rows_logits, *args)
+    return value.reshape(sample_shape) if reduction == "none" else value
+
+
+def cross_entropy(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
+    reduction: str = "mean", label_smoothing: float = 0.0, inplace_backward: bool = False,
+) -> Tensor:
+    """Cross-entropy with label smoothing, fused with its gradient; a drop-in for
+    :func:`torch.nn.functional.cross_entropy` with class-index targets.
+
+    ℓ_i = lse(z_i) − Σ_j q_j z_ij with q = (1−α)e_y + α/K (seed 002 eq. (3), (5)).
+
+    Args:
+        logits: (N, K), (K,) or (N, K, d1, ...), float32/float64/bfloat16/float16.
+        target: (N,), () or (N, d1, ...) integer class indices in [0, K) or ``ignore_index``.
+        weight: optional (K,) class weights; "mean" divides by Σ_i w_{y_i}, as torch does.
+        ignore_index: rows with this target have loss 0, gradient 0 and do not count in "mean".
+        reduction: "mean", "sum" or "none" (per-sample losses of the target's shape).
+        label_smoothing: α in [0, 1).
+        inplace_backward: write the gradient into ``logits``' storage (saves an N×K buffer;
+            ``logits`` holds the gradient afterwards).
+
+    Returns: the loss, in the logits' dtype. A row with NaN or +inf among its logits has loss
+    and gradient NaN (as torch); −inf logits are masked classes (probability 0).
+    """
+    label_smoothing = _check_hyper("label_smoothing", label_smoothing, lambda a: 0 <= a < 1, "a value in [0, 1)")
+    return _fused("cross_entropy", logits, target, weight, None, ignore_index, reduction, inplace_backward,
+                  label_smoothing=label_smoothing)
+
+
+def focal_loss(
+    logits: Tensor, target: Tensor, gamma: float = 2.0, alpha: Union[None, float, Sequence[float], Tensor] = None,
+    weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean", inplace_backward: bool = False,
+) -> Tensor:
+    """Focal loss ℓ_i = −α_{y_i} (1−p_{y_i})^γ log p_{y_i} (seed 002 eq. (6); Lin et al.), fused
+    with its gradient. γ = 0 is cross-entropy exactly; stays finite as p_y → 1 for every γ ≥ 0.
+
+    Args:
+        logits, target, weight, ignore_index, reduction, inplace_backward: as :func:`cross_entropy`.
+        gamma: the focusing parameter γ ≥ 0.
+        alpha: optional per-class factor α_t, a (K,) tensor or sequence, or one float for all
+            classes; it scales ℓ and g but not the "mean" divisor (which is Σ w_y).
+    """
+    gamma = _check_hyper("gamma", gamma, lambda g: g >= 0, "a finite value >= 0")
+    if alpha is not None and not isinstance(alpha, Tensor):
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            _check_hyper("alpha", alpha, lambda a: True, "a finite value")
+            num_classes = logits.shape[-1] if logits.dim() <= 2 else logits.shape[1]
+            alpha = torch.full((num_classes,), float(alpha), dtype=torch.float64, device=logits.device)
+        else:
+            alpha = torch.as_tensor(alpha, dtype=torch.float64, device=logits.device)
+    return _fused("focal", logits, target, weight, alpha, ignore_index, reduction, inplace_backward, gamma=gamma)
+
+
+def rescaled_mse(
+    logits: Tensor, target: Tensor, kappa: float = 1.0, beta: float = 1.0, weight: Optional[Tensor] = None,
+    ignore_index: int = -100, reduction: str = "mean", inplace_backward: bool = False,
+) -> Tensor:
+    """Rescaled MSE ℓ_i = κ(z_{i,y} − β)² + Σ_{j≠y} z_ij² (seed 002 eq. (6); seed 000 eq. (4)
+    writes (α, M) = (κ, β)); κ = β = 1 is the MSE against one-hot targets, summed over classes.
+
+    "mean" averages the per-sample loss over samples (Σ w_y ℓ / Σ w_y), not over N·K elements
+    as :func:`torch.nn.functional.mse_loss` does.
+
+    Args:
+        logits, target, weight, ignore_index, reduction, inplace_backward: as :func:`cross_entropy`.
+        kappa: weight κ > 0 of the target coordinate.
+        beta: target value β of the true-class logit.
+    """
+    kappa = _check_hyper("kappa", kappa, lambda k: k > 0, "a finite value > 0")
+    beta = _check_hyper("beta", beta, lambda b: True, "a finite value")
+    return _fused("rescaled_mse", logits, target, weight, None, ignore_index, reduction, inplace_backward,
+                  kappa=kappa, beta=beta)
+
+
+class _LossModule(torch.nn.Module):
+    def __init__(self, weight: Optional[Tensor], ignore_index: int, reduction: str, inplace_backward: bool):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.inplace_backward = inplace_backward
+
+
+class CrossEntropyLoss(_LossModule):
+    """Module form of :func:`cross_entropy`; a drop-in for :class:`torch.nn.CrossEntropyLoss`."""
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, inplace_backward: bool = False):
+        super().__init__(weight, ignore_index, reduction, inplace_backward)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                             self.label_smoothing, self.inplace_backward)
+
+
+class FocalLoss(_LossModule):
+    """Module form of :func:`focal_loss`."""
+
+    def __init__(self, gamma: float = 2.0, alpha: Union[None, float, Sequence[float], Tensor] = None,
+                 weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                 inplace_backward: bool = False):
+        super().__init__(weight, ignore_index, reduction, inplace_backward)
+        self.gamma = gamma
+        if alpha is not None and not isinstance(alpha, (int, float)):
+            alpha = torch.as_tensor(alpha, dtype=torch.float64)
+        if isinstance(alpha, Tensor):
+            self.register_buffer("alpha", alpha)
+        else:
+            self.alpha = alpha
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return focal_loss(input, target, self.gamma, self.alpha, self.weight, self.ignore_index, self.reduction,
+                          self.inplace_backward)
+
+
+class RescaledMSELoss(_LossModule):
+    """Module form of :func:`rescaled_mse`."""
+
+    def __init__(self, kappa: float = 1.0, beta: float = 1.0, weight: Optional[Tensor] = None,
+                 ignore_index: int = -100, reduction: str = "mean", inplace_backward: bool = False):
+        super().__init__(weight, ignore_index, reduction, inplace_backward)
+        self.kappa = kappa
+        self.beta = beta
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return rescaled_mse(input, target, self.kappa, self.beta, self.weight, self.ignore_index, self.reduction,
+                            self.inplace_backward)

@@ -1,0 +1,68 @@
+"""Reference loss formulas (SPEC §1), written plainly in torch; autograd gives their gradients.
+
+Each returns the per-row loss ``w_{y_i}·ℓ_i`` (0 for ignored rows) and is differentiable."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _gather_target(values: torch.Tensor, target: torch.Tensor, ignore_index: int):
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    return values.gather(1, safe[:, None])[:, 0], keep, safe
+
+
+def _class_factor(weight, safe, keep, dtype):
+    factor = keep.to(dtype)
+    if weight is not None:
+        factor = factor * weight.to(dtype)[safe]
+    return factor
+
+
+def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0):
+    """ℓ = w_y (lse(z) − Σ_j q_j z_j), q = (1−α)e_y + α/K (seed 002 eq. (3)–(5)); with class
+    weights the smoothing term is (α/K) Σ_j w_j (lse − z_j), as in torch."""
+    log_p = torch.log_softmax(logits, dim=1)
+    log_p_y, keep, safe = _gather_target(log_p, target, ignore_index)
+    loss = -(1 - label_smoothing) * log_p_y * _class_factor(weight, safe, keep, logits.dtype)
+    if label_smoothing > 0:
+        column_weight = 1.0 if weight is None else weight.to(logits.dtype)
+        loss = loss - label_smoothing / logits.shape[1] * (log_p * column_weight).sum(dim=1)
+    return torch.where(keep, loss, 0.0)
+
+
+def focal_rows(logits, target, gamma=2.0, alpha=None, weight=None, ignore_index=-100):
+    """ℓ = −α_y (1−p_y)^γ log p_y (seed 002 eq. (6), Lin et al.)."""
+    log_p_y, keep, safe = _gather_target(torch.log_softmax(logits, dim=1), target, ignore_index)
+    one_minus_p = -torch.expm1(log_p_y)
+    # (1-p)^γ with a gradient that stays finite at p = 1 (the limit there is 0 for γ > 0).
+    positive = one_minus_p > 0
+    modulator = torch.where(positive, torch.where(positive, one_minus_p, 1.0) ** gamma, 0.0 ** gamma)
+    loss = -modulator * log_p_y
+    if alpha is not None:
+        loss = loss * alpha.to(logits.dtype)[safe]
+    return torch.where(keep, loss, 0.0) * _class_factor(weight, safe, keep, logits.dtype)
+
+
+def rescaled_mse_rows(logits, target, kappa=1.0, beta=1.0, weight=None, ignore_index=-100):
+    """ℓ = κ(z_y − β)² + Σ_{j≠y} z_j² (seed 002 eq. (6); seed 000 eq. (4) with (α, M) = (κ, β))."""
+    z_y, keep, safe = _gather_target(logits, target, ignore_index)
+    is_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, safe[:, None], True)
+    others = (logits**2).masked_fill(is_target, 0.0).sum(dim=1)
+    loss = kappa * (z_y - beta) ** 2 + others
+    return torch.where(keep, loss, 0.0) * _class_factor(weight, safe, keep, logits.dtype)
+
+
+def total_weight(target, weight=None, ignore_index=-100, dtype=torch.float64):
+    """Σ_i w_{y_i} over the rows that are not ignored: the divisor of reduction="mean"."""
+    keep = target != ignore_index
+    return _class_factor(weight, torch.where(keep, target, 0), keep, dtype).sum()
+
+
+def reduce(rows, target, weight, ignore_index, reduction):
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / total_weight(target, weight, ignore_index, rows.dtype)
