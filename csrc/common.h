@@ -6,7 +6,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 #ifdef _OPENMP
@@ -34,10 +33,7 @@ struct bf16 {
 using f16 = _Float16;
 
 NCFAST_INLINE float to_float(bf16 v) {
-  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v.bits) << 16);
 }
 NCFAST_INLINE float to_float(f16 v) { return static_cast<float>(v); }
 NCFAST_INLINE float to_float(float v) { return v; }
@@ -60,8 +56,7 @@ NCFAST_INLINE T from_acc(typename acc_of<T>::type v) {
 }
 template <>
 NCFAST_INLINE bf16 from_acc<bf16>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
   // Round to nearest even; NaN stays a (quiet) NaN.
   uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   uint32_t nan = (u >> 16) | 0x40u;
@@ -73,8 +68,10 @@ NCFAST_INLINE bf16 from_acc<bf16>(float v) {
 // Arguments below the underflow threshold (-inf included) give exactly 0.
 NCFAST_INLINE float vexp(float x) {
   const float lo = -87.33654f, hi = 88.72283f;
-  float xc = std::fmin(std::fmax(x, lo), hi);
-  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float xc = x < lo ? lo : (x > hi ? hi : x);  // compares, not fminf calls: they vectorise
+  // n = round(x / ln 2) by adding and removing 1.5·2^23 (std::floor blocks vectorisation).
+  const float round_shift = 12582912.0f;
+  float n = (xc * 1.44269504088896341f + round_shift) - round_shift;
   float r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -84,9 +81,7 @@ NCFAST_INLINE float vexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   float y = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
   return x < lo ? 0.0f : y * scale;
 }
 NCFAST_INLINE double vexp(double x) { return std::exp(x); }
