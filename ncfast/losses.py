@@ -56,23 +56,12 @@ def _cpp_forward(logits, target, weight, alpha, grad, loss, params, ignore_index
     return rows, total
 
 
-def _reference_rows(loss, logits, target, weight, alpha, params, ignore_index):
-    if loss == "cross_entropy":
-        return reference.cross_entropy_rows(logits, target, weight, ignore_index, params["label_smoothing"])
-    if loss == "focal":
-        return reference.focal_rows(logits, target, params["gamma"], alpha, weight, ignore_index)
-    return reference.rescaled_mse_rows(logits, target, params["kappa"], params["beta"], weight, ignore_index)
-
-
 def _torch_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
-    with torch.enable_grad():
-        z = logits.detach().to(_accumulation_dtype(logits.dtype)).requires_grad_(True)
-        rows = _reference_rows(loss, z, target, weight, alpha, params, ignore_index)
-        total = reference.total_weight(target, weight, ignore_index, z.dtype)
-        objective = rows.sum() / total if mean else rows.sum()
-        (g,) = torch.autograd.grad(objective, z)
-    grad.copy_(g)
-    return rows.detach(), total
+    z = logits.to(_accumulation_dtype(logits.dtype))
+    rows, g = reference.rows_and_grad(loss, z, target, weight, alpha, ignore_index, **params)
+    total = reference.total_weight(target, weight, ignore_index, z.dtype)
+    grad.copy_(g / total if mean else g)
+    return rows, total
 
 
 def _triton_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
