@@ -159,7 +159,8 @@ def test_many_classes(backend, loss):
     with ncfast.use_backend(backend):
         value, grad = loss_and_grad(PUBLIC[loss], logits, target, reduction="none")
     expected, expected_grad = loss_and_grad(reference_fn(loss), logits.double(), target, reduction="none")
-    close(value, expected, torch.float32)
+    # fp32 sums of 131072 terms: relative rounding of a few 1e-5 depending on the summation order.
+    torch.testing.assert_close(value.double(), expected, rtol=1e-4, atol=1e-5)
     close(grad, expected_grad, torch.float32)
 
 
