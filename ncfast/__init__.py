@@ -1,6 +1,7 @@
 """ncfast: fused losses and streaming neural-collapse metrics for classification training."""
 
 from ._backend import available_backends, use_backend
+from .geometry import ETFClassifier, simplex_etf
 from .losses import (
     CrossEntropyLoss,
     FocalLoss,
@@ -14,11 +15,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
+    "ETFClassifier",
     "FocalLoss",
     "RescaledMSELoss",
     "available_backends",
     "cross_entropy",
     "focal_loss",
     "rescaled_mse",
+    "simplex_etf",
     "use_backend",
 ]
