@@ -40,34 +40,55 @@ DEFAULT_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
-# backends: (features (N, d), target (N,) int64, K) -> (counts, means, centred, class_sq)
+# backends: (features (N, d), target (N,) int64, stats, workspace (N+K, d)) -> batch
+# (counts, means, class_sq) in float64; workspace rows [0, N) get h_i − ν_{y_i} and rows
+# [N, N+K) Chan's correction rows (see _chan_rows), so that workspaceᵀ·workspace is the
+# batch scatter plus Chan's correction in one Gram.
 # --------------------------------------------------------------------------------------------
 def _gram_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cpp_batch(features: Tensor, target: Tensor, num_classes: int, centred: Tensor):
+def _chan_rows(counts_a: Tensor, means_a: Tensor, counts_b: Tensor, means_b: Tensor) -> Tensor:
+    """Rows r_k = √(n_k^a n_k^b/(n_k^a + n_k^b)) (μ_k^b − μ_k^a) (K, d): Σ_k r_k r_kᵀ is Chan's
+    correction term. Zero where either side lacks class k (its mean is meaningless there)."""
+    total = counts_a + counts_b
+    pair = torch.where((counts_a > 0) & (counts_b > 0), counts_a * counts_b / total.clamp(min=1), 0.0)
+    return pair.sqrt()[:, None] * (means_b - means_a)
+
+
+def _cpp_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
     from . import _C
 
-    counts = torch.empty(num_classes, dtype=torch.float64)
-    means = torch.empty(num_classes, features.shape[1], dtype=torch.float64)
-    class_sq = torch.empty(num_classes, dtype=torch.float64)
+    K, d = stats.num_classes, stats.dim
+    counts = torch.empty(K, dtype=torch.float64)
+    means = torch.empty(K, d, dtype=torch.float64)
+    class_sq = torch.empty(K, dtype=torch.float64)
     _C.ncstats_batch(
         _backend.cpu_buffer(features), _backend.cpu_buffer(target), str(features.dtype).removeprefix("torch."),
-        counts.numpy(), means.numpy(), centred.numpy(), class_sq.numpy(), torch.get_num_threads(),
+        stats.counts.numpy(), stats.means.numpy(), counts.numpy(), means.numpy(), workspace.numpy(),
+        class_sq.numpy(), torch.get_num_threads(),
     )
-    return counts, means, centred, class_sq
+    return counts, means, class_sq
 
 
-def _triton_batch(features: Tensor, target: Tensor, num_classes: int, centred: Tensor):
+def _triton_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
     from .triton_kernels import ncstats as kernels
 
-    return kernels.batch_moments(features, target, num_classes, centred)
+    N = features.shape[0]
+    counts, means, class_sq = kernels.batch_moments(features, target, stats.num_classes, workspace[:N])
+    _check_finite(means)
+    workspace[N:] = _chan_rows(stats.counts, stats.means, counts, means)
+    return counts, means, class_sq
 
 
-def _torch_batch(features: Tensor, target: Tensor, num_classes: int, centred: Tensor):
-    counts, means, c, class_sq = reference.batch_moments(features, target, num_classes)
-    return counts, means, centred.copy_(c), class_sq
+def _torch_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
+    N = features.shape[0]
+    counts, means, centred, class_sq = reference.batch_moments(features, target, stats.num_classes)
+    _check_finite(means)
+    workspace[:N] = centred
+    workspace[N:] = _chan_rows(stats.counts, stats.means, counts, means)
+    return counts, means, class_sq
 
 
 _BACKEND_BATCH = {"cpp": _cpp_batch, "triton": _triton_batch, "torch": _torch_batch}
@@ -277,7 +298,7 @@ class NCStats:
         self.class_sq = torch.zeros(num_classes, **f64)
         self._workspace: Optional[Tensor] = None  # centred-features buffer, reused across batches
 
-    def _centred_buffer(self, rows: int, dtype: torch.dtype) -> Tensor:
+    def _workspace_rows(self, rows: int, dtype: torch.dtype) -> Tensor:
         # Reusing one buffer saves a large allocation (page faults) per batch.
         need = rows * self.dim
         if self._workspace is None or self._workspace.dtype != dtype or self._workspace.numel() < need:
@@ -288,32 +309,45 @@ class NCStats:
     def update(self, features: Tensor, target: Tensor) -> "NCStats":
         """Fold in a batch: ``features`` (N, d) float32/float64/bfloat16/float16 on the stats'
         device, ``target`` (N,) integer classes in [0, K). Any N (0 and 1 included), any class
-        mix. Raises ValueError (state unchanged) on bad shapes, targets or non-finite features."""
+        mix. Raises ValueError (state unchanged) on bad shapes, targets or non-finite features.
+
+        The batch scatter and Chan's correction come from one Gram of (N + K) rows in float32
+        (float64 for float64 features): the rows are centred on their class means, so float32
+        keeps ~7 digits of the *within-class* spread however large the means are."""
         features, target = _check_batch(features, target, self.num_classes, self.dim, self.device)
         if features.shape[0] == 0:
             return self
         backend = _backend.backend_for(features)
         if backend != "cpp":
             _check_target_range(target, self.num_classes)
-        centred = self._centred_buffer(features.shape[0], _gram_dtype(features.dtype))
-        counts, means, centred, class_sq = _BACKEND_BATCH[backend](features, target, self.num_classes, centred)
-        _check_finite(means)
+        workspace = self._workspace_rows(features.shape[0] + self.num_classes, _gram_dtype(features.dtype))
+        counts, means, class_sq = _BACKEND_BATCH[backend](features, target, self, workspace)
         with _ieee_fp32_matmul(self.device):
-            gram = centred.T @ centred
-        self._merge(counts, means, gram, class_sq)
+            gram = workspace.T @ workspace
+        if backend == "cpp":
+            from . import _C
+
+            _C.ncstats_fold(self.counts.numpy(), self.means.numpy(), self.class_sq.numpy(),
+                            self.within_scatter.numpy(), counts.numpy(), means.numpy(), class_sq.numpy(),
+                            gram.numpy())
+        else:
+            self._fold(counts, means, class_sq, gram)
         return self
 
-    def _merge(self, counts: Tensor, means: Tensor, scatter: Tensor, class_sq: Tensor) -> None:
-        """Chan's pairwise update with a second state (counts, means, scatter, class_sq)."""
+    def _fold(self, counts: Tensor, means: Tensor, class_sq: Tensor, scatter: Tensor) -> None:
+        """Chan's pairwise merge of a second state whose ``scatter`` already holds its own
+        scatter plus the correction Σ_k r_k r_kᵀ (:func:`_chan_rows`)."""
         total = self.counts + counts
         delta = means - self.means
-        # n_a n_b/(n_a + n_b): zero where either side lacks the class (its mean is meaningless).
-        pair = torch.where(total > 0, self.counts * counts / total.clamp(min=1), 0.0)
+        pair = torch.where((self.counts > 0) & (counts > 0), self.counts * counts / total.clamp(min=1), 0.0)
         self.within_scatter.add_(scatter)
-        self.within_scatter.addmm_(delta.T * pair, delta)
         self.class_sq.add_(class_sq + pair * (delta * delta).sum(1))
         self.means.addcmul_(delta, (counts / total.clamp(min=1))[:, None])
         self.counts = total
+
+    def _merge(self, counts: Tensor, means: Tensor, scatter: Tensor, class_sq: Tensor) -> None:
+        rows = _chan_rows(self.counts, self.means, counts, means)
+        self._fold(counts, means, class_sq, torch.addmm(scatter, rows.T, rows))
 
     @torch.no_grad()
     def merge(self, other: "NCStats") -> "NCStats":
