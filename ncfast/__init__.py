@@ -9,16 +9,21 @@ from .losses import (
     focal_loss,
     rescaled_mse,
 )
+from .ncstats import NCMetrics, NCSecondPass, NCStats, nc_metrics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
     "FocalLoss",
+    "NCMetrics",
+    "NCSecondPass",
+    "NCStats",
     "RescaledMSELoss",
     "available_backends",
     "cross_entropy",
     "focal_loss",
+    "nc_metrics",
     "rescaled_mse",
     "use_backend",
 ]

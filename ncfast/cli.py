@@ -11,7 +11,9 @@ import importlib
 import sys
 
 # subcommand -> module implementing it
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "metrics": "ncfast.ncstats",
+}
 
 
 class CLIError(Exception):
