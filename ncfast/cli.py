@@ -12,6 +12,9 @@ import sys
 
 # subcommand -> module implementing it
 SUBCOMMANDS: dict[str, str] = {
+    "demo": "ncfast.demo",
+    "metrics": "ncfast.ncstats",
+    "train": "ncfast.train",
     "ufm": "ncfast.ufm",
 }
 

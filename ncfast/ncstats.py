@@ -40,34 +40,55 @@ DEFAULT_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
-# backends: (features (N, d), target (N,) int64, K) -> (counts, means, centred, class_sq)
+# backends: (features (N, d), target (N,) int64, stats, workspace (N+K, d)) -> batch
+# (counts, means, class_sq) in float64; workspace rows [0, N) get h_i − ν_{y_i} and rows
+# [N, N+K) Chan's correction rows (see _chan_rows), so that workspaceᵀ·workspace is the
+# batch scatter plus Chan's correction in one Gram.
 # --------------------------------------------------------------------------------------------
 def _gram_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cpp_batch(features: Tensor, target: Tensor, num_classes: int, centred: Tensor):
+def _chan_rows(counts_a: Tensor, means_a: Tensor, counts_b: Tensor, means_b: Tensor) -> Tensor:
+    """Rows r_k = √(n_k^a n_k^b/(n_k^a + n_k^b)) (μ_k^b − μ_k^a) (K, d): Σ_k r_k r_kᵀ is Chan's
+    correction term. Zero where either side lacks class k (its mean is meaningless there)."""
+    total = counts_a + counts_b
+    pair = torch.where((counts_a > 0) & (counts_b > 0), counts_a * counts_b / total.clamp(min=1), 0.0)
+    return pair.sqrt()[:, None] * (means_b - means_a)
+
+
+def _cpp_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
     from . import _C
 
-    counts = torch.empty(num_classes, dtype=torch.float64)
-    means = torch.empty(num_classes, features.shape[1], dtype=torch.float64)
-    class_sq = torch.empty(num_classes, dtype=torch.float64)
+    K, d = stats.num_classes, stats.dim
+    counts = torch.empty(K, dtype=torch.float64)
+    means = torch.empty(K, d, dtype=torch.float64)
+    class_sq = torch.empty(K, dtype=torch.float64)
     _C.ncstats_batch(
         _backend.cpu_buffer(features), _backend.cpu_buffer(target), str(features.dtype).removeprefix("torch."),
-        counts.numpy(), means.numpy(), centred.numpy(), class_sq.numpy(), torch.get_num_threads(),
+        stats.counts.numpy(), stats.means.numpy(), counts.numpy(), means.numpy(), workspace.numpy(),
+        class_sq.numpy(), torch.get_num_threads(),
     )
-    return counts, means, centred, class_sq
+    return counts, means, class_sq
 
 
-def _triton_batch(features: Tensor, target: Tensor, num_classes: int, centred: Tensor):
+def _triton_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
     from .triton_kernels import ncstats as kernels
 
-    return kernels.batch_moments(features, target, num_classes, centred)
+    N = features.shape[0]
+    counts, means, class_sq = kernels.batch_moments(features, target, stats.num_classes, workspace[:N])
+    _check_finite(means)
+    workspace[N:] = _chan_rows(stats.counts, stats.means, counts, means)
+    return counts, means, class_sq
 
 
-def _torch_batch(features: Tensor, target: Tensor, num_classes: int, centred: Tensor):
-    counts, means, c, class_sq = reference.batch_moments(features, target, num_classes)
-    return counts, means, centred.copy_(c), class_sq
+def _torch_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
+    N = features.shape[0]
+    counts, means, centred, class_sq = reference.batch_moments(features, target, stats.num_classes)
+    _check_finite(means)
+    workspace[:N] = centred
+    workspace[N:] = _chan_rows(stats.counts, stats.means, counts, means)
+    return counts, means, class_sq
 
 
 _BACKEND_BATCH = {"cpp": _cpp_batch, "triton": _triton_batch, "torch": _torch_batch}
@@ -277,7 +298,7 @@ class NCStats:
         self.class_sq = torch.zeros(num_classes, **f64)
         self._workspace: Optional[Tensor] = None  # centred-features buffer, reused across batches
 
-    def _centred_buffer(self, rows: int, dtype: torch.dtype) -> Tensor:
+    def _workspace_rows(self, rows: int, dtype: torch.dtype) -> Tensor:
         # Reusing one buffer saves a large allocation (page faults) per batch.
         need = rows * self.dim
         if self._workspace is None or self._workspace.dtype != dtype or self._workspace.numel() < need:
@@ -288,32 +309,45 @@ class NCStats:
     def update(self, features: Tensor, target: Tensor) -> "NCStats":
         """Fold in a batch: ``features`` (N, d) float32/float64/bfloat16/float16 on the stats'
         device, ``target`` (N,) integer classes in [0, K). Any N (0 and 1 included), any class
-        mix. Raises ValueError (state unchanged) on bad shapes, targets or non-finite features."""
+        mix. Raises ValueError (state unchanged) on bad shapes, targets or non-finite features.
+
+        The batch scatter and Chan's correction come from one Gram of (N + K) rows in float32
+        (float64 for float64 features): the rows are centred on their class means, so float32
+        keeps ~7 digits of the *within-class* spread however large the means are."""
         features, target = _check_batch(features, target, self.num_classes, self.dim, self.device)
         if features.shape[0] == 0:
             return self
         backend = _backend.backend_for(features)
         if backend != "cpp":
             _check_target_range(target, self.num_classes)
-        centred = self._centred_buffer(features.shape[0], _gram_dtype(features.dtype))
-        counts, means, centred, class_sq = _BACKEND_BATCH[backend](features, target, self.num_classes, centred)
-        _check_finite(means)
+        workspace = self._workspace_rows(features.shape[0] + self.num_classes, _gram_dtype(features.dtype))
+        counts, means, class_sq = _BACKEND_BATCH[backend](features, target, self, workspace)
         with _ieee_fp32_matmul(self.device):
-            gram = centred.T @ centred
-        self._merge(counts, means, gram, class_sq)
+            gram = workspace.T @ workspace
+        if backend == "cpp":
+            from . import _C
+
+            _C.ncstats_fold(self.counts.numpy(), self.means.numpy(), self.class_sq.numpy(),
+                            self.within_scatter.numpy(), counts.numpy(), means.numpy(), class_sq.numpy(),
+                            gram.numpy())
+        else:
+            self._fold(counts, means, class_sq, gram)
         return self
 
-    def _merge(self, counts: Tensor, means: Tensor, scatter: Tensor, class_sq: Tensor) -> None:
-        """Chan's pairwise update with a second state (counts, means, scatter, class_sq)."""
+    def _fold(self, counts: Tensor, means: Tensor, class_sq: Tensor, scatter: Tensor) -> None:
+        """Chan's pairwise merge of a second state whose ``scatter`` already holds its own
+        scatter plus the correction Σ_k r_k r_kᵀ (:func:`_chan_rows`)."""
         total = self.counts + counts
         delta = means - self.means
-        # n_a n_b/(n_a + n_b): zero where either side lacks the class (its mean is meaningless).
-        pair = torch.where(total > 0, self.counts * counts / total.clamp(min=1), 0.0)
+        pair = torch.where((self.counts > 0) & (counts > 0), self.counts * counts / total.clamp(min=1), 0.0)
         self.within_scatter.add_(scatter)
-        self.within_scatter.addmm_(delta.T * pair, delta)
         self.class_sq.add_(class_sq + pair * (delta * delta).sum(1))
         self.means.addcmul_(delta, (counts / total.clamp(min=1))[:, None])
         self.counts = total
+
+    def _merge(self, counts: Tensor, means: Tensor, scatter: Tensor, class_sq: Tensor) -> None:
+        rows = _chan_rows(self.counts, self.means, counts, means)
+        self._fold(counts, means, class_sq, torch.addmm(scatter, rows.T, rows))
 
     @torch.no_grad()
     def merge(self, other: "NCStats") -> "NCStats":
@@ -458,8 +492,8 @@ class NCSecondPass:
       argmax_k (Wh + b)_k differs from the nearest class mean argmin_k ‖h − μ_k‖ (needs W);
     * cosine margin (seed 000 §4): cos θ_y − max_{j≠y} cos θ_j with θ_j the angle between
       h − μ_G and w_j − w̄ (needs W). Kept as a histogram of ``bins`` equal bins on [−2, 2]
-      plus the exact min and max, not N values: quantiles are read off the histogram by
-      linear interpolation inside a bin (error ≤ one bin width, 4/bins);
+      plus the exact min and max, not N values; quantiles are read off the histogram
+      (:meth:`quantiles`, error ≤ one bin width, 4/bins);
     * numerical rank (seed 000 §4) (1/K) Σ_k (‖H_k‖_*/‖H_k‖_F)² of the raw class feature
       matrices, only with ``numerical_rank=True``: it keeps a d×d Gram per class (K·d² floats),
       accumulated around the known class means so it stays exact in the collapsed regime.
@@ -566,7 +600,9 @@ class NCSecondPass:
         return self
 
     def quantiles(self, qs=DEFAULT_QUANTILES) -> dict:
-        """Cosine-margin quantiles {q: value} read off the histogram (exact at q = 0 and 1)."""
+        """Cosine-margin quantiles {q: value}: the inverse CDF (the smallest margin with at least
+        q·N margins at or below it), located inside its histogram bin by linear interpolation,
+        so within one bin width (4/bins) of the exact value; exact at q = 0 and 1."""
         total = int(self.samples)
         counts = self.histogram.to(torch.float64).cpu()
         cumulative = torch.cumsum(counts, 0)
@@ -620,3 +656,118 @@ def nc_metrics(
                           numerical_rank=numerical_rank)
     second.update(features, target)
     return stats.compute(weight, bias, second_pass=second, **flags)
+
+
+# --------------------------------------------------------------------------------------------
+# command line: ncfast metrics FEATURES.npy LABELS.npy [--weight W.npy] [--bias b.npy] [--json]
+# --------------------------------------------------------------------------------------------
+CLI_HELP = "Neural-collapse metrics of saved features (N, d) and labels (N,) streamed from .npy files."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("features", help="features, a .npy array (N, d) of floats (memory-mapped)")
+    parser.add_argument("labels", help="class labels, a .npy array (N,) of integers in [0, K)")
+    parser.add_argument("--weight", help="classifier weight, a .npy array (K, d): enables NC2-NC4, NCC, margins")
+    parser.add_argument("--bias", help="classifier bias, a .npy array (K,)")
+    parser.add_argument("--num-classes", type=int, default=None, help="K (default: largest label + 1)")
+    parser.add_argument("--batch-size", type=int, default=8192, help="rows read per chunk (default 8192)")
+    parser.add_argument("--numerical-rank", action="store_true", help="also the numerical rank (K·d² memory)")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _load(path: str, name: str, ndim: int):
+    import numpy as np
+
+    from .cli import CLIError
+
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise CLIError(f"{name}: no such file: {path}") from None
+    except (ValueError, OSError) as error:
+        raise CLIError(f"{name}: cannot read {path} as a .npy array ({error})") from None
+    if array.ndim != ndim:
+        raise CLIError(f"{name}: expected a {ndim}-D array, got shape {array.shape} in {path}")
+    return array
+
+
+def _progress(label: str, done: int, total: int, quiet: bool) -> None:
+    if quiet:
+        return
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def _float_tensor(chunk) -> Tensor:
+    import numpy as np
+
+    dtype = chunk.dtype if chunk.dtype in (np.float16, np.float32, np.float64) else np.float32
+    return torch.from_numpy(np.array(chunk, dtype=dtype))  # a writable copy of the memory-mapped rows
+
+
+def run(args) -> int:
+    import json
+
+    import numpy as np
+
+    from .cli import CLIError
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    features = _load(args.features, "features", 2)
+    labels = _load(args.labels, "labels", 1)
+    if not np.issubdtype(features.dtype, np.floating):
+        raise CLIError(f"features: expected floating-point values, got {features.dtype}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise CLIError(f"labels: expected integer class labels, got {labels.dtype}")
+    N, d = features.shape
+    if labels.shape[0] != N:
+        raise CLIError(f"labels: {labels.shape[0]} labels for {N} feature rows")
+    if N == 0:
+        raise CLIError("features: the array has no rows")
+    chunks = [(start, min(start + args.batch_size, N)) for start in range(0, N, args.batch_size)]
+    low = min(int(labels[a:b].min()) for a, b in chunks)
+    high = max(int(labels[a:b].max()) for a, b in chunks)
+    num_classes = args.num_classes if args.num_classes is not None else high + 1
+    if low < 0 or high >= num_classes:
+        raise CLIError(f"labels: values span [{low}, {high}], outside [0, {num_classes})")
+    if num_classes < 2:
+        raise CLIError(f"labels: need at least 2 classes, got {num_classes}")
+    weight = bias = None
+    if args.weight is not None:
+        weight = torch.from_numpy(np.array(_load(args.weight, "weight", 2), dtype=np.float64))
+        if weight.shape != (num_classes, d):
+            raise CLIError(f"weight: expected shape ({num_classes}, {d}), got {tuple(weight.shape)}")
+    if args.bias is not None:
+        if weight is None:
+            raise CLIError("bias: needs --weight")
+        bias = torch.from_numpy(np.array(_load(args.bias, "bias", 1), dtype=np.float64))
+        if bias.shape != (num_classes,):
+            raise CLIError(f"bias: expected shape ({num_classes},), got {tuple(bias.shape)}")
+
+    def stream(label: str, sink) -> None:
+        for i, (a, b) in enumerate(chunks):
+            try:
+                sink.update(_float_tensor(features[a:b]), torch.from_numpy(np.array(labels[a:b], dtype=np.int64)))
+            except ValueError as error:
+                raise CLIError(f"rows {a}..{b - 1}: {error}") from None
+            _progress(label, i + 1, len(chunks), args.quiet)
+
+    stats = NCStats(num_classes, d)
+    second_needed = weight is not None or args.numerical_rank
+    stream("pass 1/2" if second_needed else "pass 1/1", stats)
+    try:
+        second = stats.second_pass(weight, bias, numerical_rank=args.numerical_rank) if second_needed else None
+        if second is not None:
+            stream("pass 2/2", second)
+        metrics = stats.compute(weight, bias, second_pass=second)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    if args.json:
+        print(json.dumps(metrics.as_dict()))
+    else:
+        print(metrics)
+    return 0
