@@ -28,16 +28,16 @@ def demo_config(**overrides) -> TrainConfig:
     """The demo's training recipe (shared by the four losses): SGD with momentum, cosine decay,
     strong weight decay (it drives the collapse), gradient clipping at 2 (seed 002), stopping
     once the training set is fitted and NC1 ≤ ``stop_at``."""
-    base = dict(dataset="digits", model="mlp", width=1.0, depth=2, feature_dim=64, optimizer="sgd", lr=0.1,
-                momentum=0.9, weight_decay=1e-2, schedule="cosine", epochs=300, batch_size=128,
-                clip_grad_norm=2.0, stop_at=1e-2, seed=0)
+    base = dict(dataset="digits", model="mlp", width=1.0, depth=3, feature_dim=64, optimizer="sgd", lr=0.2,
+                momentum=0.9, weight_decay=5e-3, schedule="cosine", epochs=400, batch_size=512,
+                clip_grad_norm=2.0, stop_at=5e-3, seed=0)
     base.update(overrides)
     return TrainConfig(**base)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="ncfast_out", help="output folder (default ncfast_out/)")
-    parser.add_argument("--epochs", type=int, default=None, help="epoch cap per loss (default 300)")
+    parser.add_argument("--epochs", type=int, default=None, help="epoch cap per loss (default 400)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -62,7 +62,7 @@ def run(args) -> int:
         curves[LABELS[loss]] = ([r["epoch"] for r in result.history], [r["nc1"] for r in result.history])
     header = f"{'loss':<13} {'epochs':>6} {'train acc':>9} {'test acc':>8} {'NC1':>9} {'NC2':>9} {'NC3':>9} " \
              f"{'NC4':>9} {'seconds':>7}"
-    print(f"ncfast demo: MLP (64-256-256-64, BatchNorm) on digits ({len(dataset.y_train)} train / "
+    print(f"ncfast demo: MLP (64-256-256-256-64, BatchNorm) on digits ({len(dataset.y_train)} train / "
           f"{len(dataset.y_test)} test), SGD, {torch.get_num_threads()} threads")
     print(header)
     print("-" * len(header))
