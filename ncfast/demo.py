@@ -38,7 +38,9 @@ def demo_config(**overrides) -> TrainConfig:
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="ncfast_out", help="output folder (default ncfast_out/)")
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap per loss (default 400)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    # one thread: the matrices are small (batch 512 × 256), so threads cost more in synchronisation
+    # than they save, and the table does not depend on the machine's thread count
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
