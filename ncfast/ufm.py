@@ -285,7 +285,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lambda-h", type=float, default=5e-5)
     parser.add_argument("--lambda-b", type=float, default=0.0)
     parser.add_argument("--no-bias", action="store_true", help="fix b = 0 (seed 004's CE problem)")
-    parser.add_argument("--method", choices=METHODS, default="gd")
+    parser.add_argument("--method", choices=METHODS, default="lbfgs",
+                        help="lbfgs (default) or gd: seed 004 §3's gradient descent with backtracking")
     parser.add_argument("--max-iters", type=int, default=None)
     parser.add_argument("--tol", type=float, default=1e-10, help="gradient-norm tolerance")
     parser.add_argument("--seed", type=int, default=0)
@@ -308,7 +309,7 @@ def run(args) -> int:
         if getattr(args, other) is not None and other not in names:
             raise CLIError(f"--{other.replace('_', '-')} does not apply to --loss {args.loss}")
     loss_kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    max_iters = args.max_iters if args.max_iters is not None else (50000 if args.method == "gd" else 5000)
+    max_iters = args.max_iters if args.max_iters is not None else (20000 if args.method == "gd" else 1000)
     bar = Progress(max_iters, "ufm")
     try:
         result = solve(args.classes, args.per_class, args.dim, args.loss, args.lambda_w, args.lambda_h,
