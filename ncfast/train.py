@@ -352,6 +352,7 @@ class TrainConfig:
     seed: int = 0
     second_pass: bool = False
     threads: Optional[int] = None
+    device: Optional[str] = None  # "cpu", "cuda", "cuda:1"; default: cuda:LOCAL_RANK when available, else cpu
     out: Optional[str] = None
     quiet: bool = False
     stop_at: Optional[float] = None  # stop once NC1 ≤ this and train accuracy is 100%
@@ -391,20 +392,22 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_siz
     was_training = net.training
     net.eval()
     rank, world = _world()
+    device = net.classifier.weight.device
     x, y = x[rank::world], y[rank::world]
     classifier = net.classifier
-    stats = NCStats(num_classes, classifier.weight.shape[1]) if nc else None
-    correct = torch.zeros(2, dtype=torch.float64)
-    feature_batches = []
-    for start in range(0, len(y), batch_size):
-        features = net.features(x[start: start + batch_size])
-        target = y[start: start + batch_size]
-        logits = classifier(features)
-        correct += torch.tensor([float((logits.argmax(1) == target).sum()), float(len(target))], dtype=torch.float64)
+
+    def batches():  # (features, target) per batch, on the model's device
+        for start in range(0, len(y), batch_size):
+            xb = x[start: start + batch_size].to(device, non_blocking=True)
+            yield net.features(xb), y[start: start + batch_size].to(device, non_blocking=True)
+
+    stats = NCStats(num_classes, classifier.weight.shape[1], device=device) if nc else None
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for features, target in batches():
+        correct[0] += (classifier(features).argmax(1) == target).sum()
+        correct[1] += len(target)
         if nc:
             stats.update(features, target)
-            if second_pass:
-                feature_batches.append((features, target))
     if world > 1:
         dist.all_reduce(correct)
         if nc:
@@ -414,9 +417,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_siz
         weight = classifier.weight.detach()
         bias = None if classifier.bias is None else classifier.bias.detach()
         extra = None
-        if second_pass:
+        if second_pass:  # the metrics that need the finished class means: the data again
             extra = stats.second_pass(weight, bias)
-            for features, target in feature_batches:
+            for features, target in batches():
                 extra.update(features, target)
             if world > 1:
                 extra.all_reduce()
@@ -470,9 +473,12 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optiona
     if model is None:
         model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.feature_dim, config.width,
                             config.depth, config.fixed_etf, config.bias, config.batch_norm)
+    device = torch.device(config.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                                            if torch.cuda.is_available() else "cpu"))
+    model = model.to(device)
     net = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = make_loss(config.loss, config.label_smoothing, config.gamma, config.kappa, config.beta)
     optimizer = _optimizer(config, net)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -491,7 +497,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optiona
         total, count = 0.0, 0
         for index in range(batches_per_epoch):
             batch = order[index * config.batch_size: (index + 1) * config.batch_size][rank::world]
-            xb, yb = x[batch], y[batch]
+            xb, yb = x[batch].to(device, non_blocking=True), y[batch].to(device, non_blocking=True)
 
             def closure():
                 optimizer.zero_grad(set_to_none=True)
@@ -515,7 +521,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optiona
             total += closure.loss * len(yb)
             count += len(yb)
             bar.update(epoch * batches_per_epoch + index + 1, f"epoch {epoch + 1} loss {closure.loss:.4g}")
-        sums = torch.tensor([total, count], dtype=torch.float64)
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(sums)
         row = {"epoch": epoch + 1, "lr": lr, "loss": float(sums[0] / sums[1])}
@@ -599,6 +605,7 @@ def add_arguments(parser) -> None:
     add("--seed", type=int, default=defaults.seed)
     add("--second-pass", action="store_true", help="also NCC mismatch, cosine margins (a second pass)")
     add("--threads", type=int, help="torch threads per process")
+    add("--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
     add("--out", default="ncfast_out", help="folder for train_<loss>.csv/.json/.png")
     add("--quiet", action="store_true", help="no progress bar")
 
