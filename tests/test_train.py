@@ -70,6 +70,23 @@ def test_cifar_reader(tmp_path, classes):
     assert len(data.y_train) == (15 if classes == 10 else 3) and len(data.y_test) == 3
 
 
+def test_resnet18_and_lbfgs_train_on_cifar_files(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": rng.integers(0, 256, (8, 3072)).astype(np.uint8),
+                         b"labels": list(rng.integers(0, 10, 8))}, handle)
+    for optimizer, lr in (("sgd", 0.05), ("adam", 1e-3), ("lbfgs", 0.5)):
+        config = T.TrainConfig(dataset="cifar10", data_dir=str(tmp_path), model="resnet18", width=0.0625,
+                               feature_dim=10, fixed_etf=True, optimizer=optimizer, lr=lr, epochs=2,
+                               batch_size=20, quiet=True, threads=1)
+        result = T.train(config)
+        assert len(result.history) == 2 and all(math.isfinite(r["loss"]) for r in result.history)
+        assert 0 <= result.final["nc1"] and result.final["train_accuracy"] >= 0.1
+
+
 def test_missing_data_dir_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="data_dir"):
         T.load_dataset("cifar10", None)
