@@ -198,7 +198,10 @@ def solve(num_classes: int, per_class: int, dim: int, loss: str = "mse", lambda_
         bias: optimise a bias b (decayed by λ_b) or fix b = 0.
         method: "gd" — gradient descent with Armijo backtracking line search (seed 004 §3: start
             each step at twice the last accepted step, halve until F decreases by ≥ 1e-4·t‖∇F‖²);
-            "lbfgs" — ``torch.optim.LBFGS`` with the strong-Wolfe line search.
+            "lbfgs" — ``torch.optim.LBFGS`` with the strong-Wolfe line search. GD's linear rate
+            is fast for CE, but for the MSE at small λ_H the feature components outside W's row
+            space shrink only by (1 − tλ_H) per step (the data term does not see them): use
+            "lbfgs" there for a tight certificate.
         seed: seeds the initial point, entries N(0, init_scale²).
         max_iters: iteration cap (default 50000 for "gd", 5000 for "lbfgs").
         tol: stop when ‖∇F‖ ≤ tol, or when an iteration no longer lowers F.

@@ -55,6 +55,9 @@ def test_optimal_objective_above_threshold_is_zero_solution():
     lw = lh = 1.0 / math.sqrt(n * K * K)  # λ_Wλ_H = 1/(nK²): W = H = 0
     assert ufm.optimal_objective(K, n, 8, "mse", lw, lh) == pytest.approx((K - 1) / (2 * K), rel=1e-14)
     assert ufm.optimal_objective(K, n, 8, "ce", lw, lh, bias=False) == pytest.approx(math.log(K), rel=1e-14)
+    for loss, bias in (("mse", True), ("ce", False)):  # the solver finds the collapse to zero
+        result = ufm.solve(K, n, 8, loss, 2 * lw, 2 * lh, bias=bias, method="lbfgs", max_iters=300, track_nc=False)
+        assert 0 <= result.relative_gap < 1e-8 and float(result.W.norm()) < 1e-3
 
 
 def test_optimal_objective_none_without_closed_form():
