@@ -1,16 +1,23 @@
 // The batch kernels of the streaming NC statistics (SPEC §3).
 //
-// ncstats_batch: per-class counts and float64 sums of a batch, its rows centred on the batch's
-// class means, and below them K rows √(n_k^a n_k^b/(n_k^a+n_k^b)) (ν_k − μ_k): Chan's
-// correction against the running means μ_k. The Gram of that (N+K)×d block is then M_W^batch
-// plus the correction in ONE BLAS call. ncstats_fold then merges counts, means and the Gram
-// into the float64 state (single-threaded: K·d + d² work, too small to split).
+// ncstats_batch: per-class counts and float64 means of a batch, its rows centred, and K more
+// rows R such that Gram(rows) ± RᵀR is the batch scatter plus Chan's correction
+// (M_W^batch + Σ_k n_k^a n_k^b/(n_k^a+n_k^b) δ_k δ_kᵀ, δ_k = ν_k − μ_k). Two ways, one per batch:
+//
+// * one pass (every class of the batch already has running statistics): rows are centred on
+//   the running means μ_k, known before the batch, so the batch is read once. Their Gram is
+//   M_W^batch + Σ n_k^b δδᵀ; the K rows √((n^b)²/(n^a+n^b)) δ_k are SUBTRACTED (sign −1).
+//   In fp32 this loses nothing: μ_k is within the class spread of ν_k, so the rows stay small.
+// * two passes (some class is new): class sums first, rows centred on the batch means ν_k,
+//   and the K rows √(n^a n^b/(n^a+n^b)) δ_k are appended and ADDED (sign +1): one Gram.
+//
+// ncstats_fold then merges counts, means and the Gram into the float64 state
+// (single-threaded: K·d + d² work, too small to split).
 //
 // The batch work is split by blocks of columns, not rows: each thread owns whole columns, so
 // the per-class sums need no cross-thread reduction and are bit-identical for any thread
-// count. A block's strip of the batch (N × 64 values) is read twice while it is still in cache:
-// once for the sums, once to write the centred values (float32, or float64 for float64 input)
-// and the per-class squared distances Σ_{i∈k} ‖h_i − ν_k‖² (for the CDNV).
+// count; each thread still streams through the rows in order. Rows are written in float32 (float64 for float64 input); the per-class squared
+// distances Σ_{i∈k} ‖h_i − ν_k‖² (for the CDNV) come along.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -36,60 +43,114 @@ struct BatchArgs {
   int64_t centred_stride;
   double* block_sq;  // (blocks, K): block b's share of Σ_{i∈k} ‖h_i − ν_k‖²
   int64_t rows, dim, classes;
+  bool one_pass;  // centre on the running means (every class of the batch seen before)
 };
 
-// Columns [c0, c1) of the batch: class sums -> means, then centring and squared distances.
+// Every pass walks the rows in order and, in each row, the thread's own column blocks
+// [b0, b1): the batch streams through memory once per pass (a column strip per pass would
+// touch every page of the batch once per block and thrash the TLB). Per-class squared
+// distances are kept per 64-column block so that their sum does not depend on the split.
+
+// Σ_{i∈k} h_i over the thread's columns (two-pass mode, first pass).
 template <typename T, typename C>
-NCFAST_INLINE void moments_block(const BatchArgs<T, C>& a, int64_t block) {
-  const int64_t c0 = block * kColumnBlock, width = std::min(kColumnBlock, a.dim - c0);
-  const int64_t d = a.dim;
-  for (int64_t k = 0; k < a.classes; ++k) {
-    double* m = a.means + k * d + c0;
-    for (int64_t j = 0; j < width; ++j) m[j] = 0.0;
-  }
+NCFAST_INLINE void class_sums(const BatchArgs<T, C>& a, int64_t b0, int64_t b1) {
+  const int64_t d = a.dim, c0 = b0 * kColumnBlock, c1 = std::min(b1 * kColumnBlock, d);
   for (int64_t i = 0; i < a.rows; ++i) {
-    const T* x = a.features + i * a.features_stride + c0;
-    double* m = a.means + a.target[i * a.target_stride] * d + c0;
+    const T* x = a.features + i * a.features_stride;
+    double* m = a.means + a.target[i * a.target_stride] * d;
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) m[j] += static_cast<double>(to_float(x[j]));
+    for (int64_t j = c0; j < c1; ++j) m[j] += static_cast<double>(to_float(x[j]));
   }
-  for (int64_t k = 0; k < a.classes; ++k) {
-    const double n = a.counts[k];
-    if (n == 0) continue;
-    double* m = a.means + k * d + c0;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) m[j] /= n;
-  }
-  double* sq = a.block_sq + block * a.classes;
-  for (int64_t k = 0; k < a.classes; ++k) sq[k] = 0.0;
+}
+
+// Rows h_i − centre_{y_i} (written in C) and their per-block squared norms; with `accumulate`
+// also Σ (h_i − centre_{y_i}) per class into a.means (one-pass mode).
+template <typename T, typename C>
+NCFAST_INLINE void centre_rows(const BatchArgs<T, C>& a, int64_t b0, int64_t b1, const double* centre, bool accumulate) {
+  const int64_t d = a.dim, K = a.classes;
   for (int64_t i = 0; i < a.rows; ++i) {
     const int64_t y = a.target[i * a.target_stride];
-    const T* x = a.features + i * a.features_stride + c0;
-    const double* m = a.means + y * d + c0;
-    C* c = a.centred + i * a.centred_stride + c0;
-    double row_sq = 0.0;
+    const T* x = a.features + i * a.features_stride;
+    const double* m = centre + y * d;
+    double* s = a.means + y * d;
+    C* c = a.centred + i * a.centred_stride;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kColumnBlock, j1 = std::min(j0 + kColumnBlock, d);
+      double row_sq = 0.0;
+      if (accumulate) {
 #pragma omp simd reduction(+ : row_sq)
-    for (int64_t j = 0; j < width; ++j) {
-      const double v = static_cast<double>(to_float(x[j])) - m[j];
-      c[j] = static_cast<C>(v);
-      row_sq += v * v;
+        for (int64_t j = j0; j < j1; ++j) {
+          const double v = static_cast<double>(to_float(x[j])) - m[j];
+          c[j] = static_cast<C>(v);
+          s[j] += v;
+          row_sq += v * v;
+        }
+      } else {
+#pragma omp simd reduction(+ : row_sq)
+        for (int64_t j = j0; j < j1; ++j) {
+          const double v = static_cast<double>(to_float(x[j])) - m[j];
+          c[j] = static_cast<C>(v);
+          row_sq += v * v;
+        }
+      }
+      a.block_sq[b * K + y] += row_sq;
     }
-    sq[y] += row_sq;
-  }
-  for (int64_t k = 0; k < a.classes; ++k) {
-    const double na = a.state_counts[k], nb = a.counts[k];
-    const double scale = na > 0 && nb > 0 ? std::sqrt(na * nb / (na + nb)) : 0.0;
-    const double* m = a.means + k * d + c0;
-    const double* mu = a.state_means + k * d + c0;
-    C* c = a.centred + (a.rows + k) * a.centred_stride + c0;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) c[j] = static_cast<C>(scale * (m[j] - mu[j]));
   }
 }
 
 template <typename T, typename C>
-NCFAST_INLINE void moments_blocks(const BatchArgs<T, C>& a, int64_t begin, int64_t end) {
-  for (int64_t b = begin; b < end; ++b) moments_block(a, b);
+NCFAST_INLINE void moments_blocks(const BatchArgs<T, C>& a, int64_t b0, int64_t b1) {
+  const int64_t d = a.dim, K = a.classes, c0 = b0 * kColumnBlock, c1 = std::min(b1 * kColumnBlock, d);
+  for (int64_t k = 0; k < K; ++k) {
+    double* m = a.means + k * d;
+    for (int64_t j = c0; j < c1; ++j) m[j] = 0.0;
+  }
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t k = 0; k < K; ++k) a.block_sq[b * K + k] = 0.0;
+  if (!a.one_pass) {
+    // Two passes: means ν_k, rows h − ν_y, then the rows √(n^a n^b/(n^a+n^b)) δ_k (added).
+    class_sums(a, b0, b1);
+    for (int64_t k = 0; k < K; ++k) {
+      const double n = a.counts[k];
+      if (n == 0) continue;
+      double* m = a.means + k * d;
+#pragma omp simd
+      for (int64_t j = c0; j < c1; ++j) m[j] /= n;
+    }
+    centre_rows(a, b0, b1, a.means, false);
+    for (int64_t k = 0; k < K; ++k) {
+      const double na = a.state_counts[k], nb = a.counts[k];
+      const double scale = na > 0 && nb > 0 ? std::sqrt(na * nb / (na + nb)) : 0.0;
+      const double* m = a.means + k * d;
+      const double* mu = a.state_means + k * d;
+      C* c = a.centred + (a.rows + k) * a.centred_stride;
+#pragma omp simd
+      for (int64_t j = c0; j < c1; ++j) c[j] = static_cast<C>(scale * (m[j] - mu[j]));
+    }
+    return;
+  }
+  // One pass: rows h − μ_y and their class sums, then δ = ν − μ = the sums / n^b, the rows
+  // √((n^b)²/(n^a+n^b)) δ_k (subtracted), and Σ‖h − ν‖² = Σ‖h − μ‖² − n^b ‖δ‖² per block.
+  centre_rows(a, b0, b1, a.state_means, true);
+  for (int64_t k = 0; k < K; ++k) {
+    const double na = a.state_counts[k], nb = a.counts[k];
+    double* m = a.means + k * d;
+    const double* mu = a.state_means + k * d;
+    C* c = a.centred + (a.rows + k) * a.centred_stride;
+    const double scale = nb > 0 ? nb / std::sqrt(na + nb) : 0.0, inv = nb > 0 ? 1.0 / nb : 0.0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kColumnBlock, j1 = std::min(j0 + kColumnBlock, d);
+      double delta_sq = 0.0;
+#pragma omp simd reduction(+ : delta_sq)
+      for (int64_t j = j0; j < j1; ++j) {
+        const double delta = m[j] * inv;
+        delta_sq += delta * delta;
+        c[j] = static_cast<C>(scale * delta);
+        m[j] = nb > 0 ? mu[j] + delta : 0.0;
+      }
+      a.block_sq[b * K + k] -= nb * delta_sq;
+    }
+  }
 }
 
 // Non-template entry points: target_clones needs plain functions.
@@ -101,24 +162,29 @@ NCFAST_CLONES void moments_f16(const BatchArgs<f16, float>& a, int64_t b, int64_
 template <typename T, typename C>
 void run_moments(const View& features, const View& target, const double* counts, const double* state_counts,
                  const double* state_means, double* means, const View& centred, double* class_sq, int64_t classes,
-                 int num_threads,
+                 int num_threads, bool one_pass,
                  void (*blocks_fn)(const BatchArgs<T, C>&, int64_t, int64_t)) {
   const int64_t blocks = (features.cols + kColumnBlock - 1) / kColumnBlock;
   std::vector<double> block_sq(static_cast<size_t>(blocks * classes));
   BatchArgs<T, C> a{static_cast<const T*>(features.data), features.row_stride,
                     static_cast<const int64_t*>(target.data), target.row_stride, counts, state_counts, state_means, means,
                     static_cast<C*>(centred.data), centred.row_stride, block_sq.data(),
-                    features.rows, features.cols, classes};
+                    features.rows, features.cols, classes, one_pass};
   bool finite = true;
   {
     py::gil_scoped_release release;
     // Below ~256K values a thread costs more than it saves.
     const int64_t work_threads = std::max<int64_t>(1, (features.rows * features.cols) / 262144);
     const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, blocks}));
-    // Blocks are handed out one at a time: on a busy machine a descheduled thread then holds
-    // up one block, not half the batch.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t b = 0; b < blocks; ++b) blocks_fn(a, b, b + 1);
+#pragma omp parallel num_threads(threads)
+    {
+      int t = 0, nt = 1;
+#ifdef _OPENMP
+      t = omp_get_thread_num();
+      nt = omp_get_num_threads();
+#endif
+      blocks_fn(a, blocks * t / nt, blocks * (t + 1) / nt);
+    }
     // Fixed block order: the same sum for any thread count.
     for (int64_t k = 0; k < classes; ++k) {
       double total = 0.0;
@@ -147,9 +213,10 @@ double* state_of(const py::buffer& buffer, const char* name, int ndim, int64_t r
 // features: (N, d) rows contiguous, float32/float64/bfloat16 (as int16)/float16; target: (N,)
 // int64 in [0, K); state_counts (K,), state_means (K, d): the running state (read only).
 // Writes counts (K,), means (K, d) and class_sq (K,) of the batch in float64, and centred
-// (N + K, d) in float32 (float64 for float64 features): rows h_i − ν_{y_i}, then Chan's rows.
+// (N + K, d) in float32 (float64 for float64 features): N centred rows, then K rows R.
+// Returns the sign s of RᵀR: M_W^batch + Chan's correction = Gram(first N rows) + s·RᵀR.
 // Raises ValueError for a target out of range or a non-finite feature.
-void ncstats_batch(const py::buffer& features_buf, const py::buffer& target_buf, const std::string& dtype,
+int ncstats_batch(const py::buffer& features_buf, const py::buffer& target_buf, const std::string& dtype,
                    const py::buffer& state_counts_buf, const py::buffer& state_means_buf, const py::buffer& counts_buf,
                    const py::buffer& means_buf, const py::buffer& centred_buf, const py::buffer& class_sq_buf,
                    int num_threads) {
@@ -180,17 +247,21 @@ void ncstats_batch(const py::buffer& features_buf, const py::buffer& target_buf,
     }
     counts[k] += 1.0;
   }
+  bool one_pass = true;
+  for (int64_t k = 0; k < K; ++k) one_pass &= counts[k] == 0 || state_counts[k] > 0;
   if (dtype == "float32")
-    return run_moments<float, float>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
-                                     num_threads, moments_f32);
-  if (dtype == "float64")
-    return run_moments<double, double>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
-                                       num_threads, moments_f64);
-  if (dtype == "bfloat16")
-    return run_moments<bf16, float>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
-                                    num_threads, moments_bf16);
-  return run_moments<f16, float>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
-                                 num_threads, moments_f16);
+    run_moments<float, float>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
+                              num_threads, one_pass, moments_f32);
+  else if (dtype == "float64")
+    run_moments<double, double>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
+                                num_threads, one_pass, moments_f64);
+  else if (dtype == "bfloat16")
+    run_moments<bf16, float>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
+                             num_threads, one_pass, moments_bf16);
+  else
+    run_moments<f16, float>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
+                            num_threads, one_pass, moments_f16);
+  return one_pass ? -1 : 1;
 }
 
 template <typename G>
@@ -248,8 +319,8 @@ void register_ncstats(py::module_& m) {
   m.def("ncstats_batch", &ncstats_batch, py::arg("features"), py::arg("target"), py::arg("dtype"),
         py::arg("state_counts"), py::arg("state_means"), py::arg("counts"), py::arg("means"), py::arg("centred"),
         py::arg("class_sq"), py::arg("num_threads"),
-        "Per-class counts and float64 means of a batch, its rows centred on their class means followed by "
-        "Chan's correction rows, and the per-class sums of squared distances to the mean.");
+        "Per-class counts and float64 means of a batch, its centred rows followed by Chan's correction rows R, "
+        "and the per-class sums of squared distances to the mean; returns the sign of R^T R in the scatter.");
   m.def("ncstats_fold", &ncstats_fold, py::arg("state_counts"), py::arg("state_means"), py::arg("state_class_sq"),
         py::arg("state_scatter"), py::arg("counts"), py::arg("means"), py::arg("class_sq"), py::arg("gram"),
         "Chan's merge of a batch (counts, means, class_sq, Gram with correction) into the float64 state.");

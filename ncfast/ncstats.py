@@ -41,9 +41,11 @@ DEFAULT_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 # --------------------------------------------------------------------------------------------
 # backends: (features (N, d), target (N,) int64, stats, workspace (N+K, d)) -> batch
-# (counts, means, class_sq) in float64; workspace rows [0, N) get h_i − ν_{y_i} and rows
-# [N, N+K) Chan's correction rows (see _chan_rows), so that workspaceᵀ·workspace is the
-# batch scatter plus Chan's correction in one Gram.
+# (counts, means, class_sq) in float64 and a sign s; workspace gets N centred rows C and K rows
+# R with Cᵀ C + s RᵀR = the batch scatter plus Chan's correction. The torch and Triton
+# backends centre on the batch means ν_k and append R = _chan_rows (s = +1: one Gram of N+K
+# rows); the C++ one may instead centre on the running means μ_k in a single read of the batch
+# (s = −1, see csrc/ncstats.cpp).
 # --------------------------------------------------------------------------------------------
 def _gram_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -64,12 +66,12 @@ def _cpp_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Te
     counts = torch.empty(K, dtype=torch.float64)
     means = torch.empty(K, d, dtype=torch.float64)
     class_sq = torch.empty(K, dtype=torch.float64)
-    _C.ncstats_batch(
+    sign = _C.ncstats_batch(
         _backend.cpu_buffer(features), _backend.cpu_buffer(target), str(features.dtype).removeprefix("torch."),
         stats.counts.numpy(), stats.means.numpy(), counts.numpy(), means.numpy(), workspace.numpy(),
         class_sq.numpy(), torch.get_num_threads(),
     )
-    return counts, means, class_sq
+    return counts, means, class_sq, sign
 
 
 def _triton_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
@@ -79,7 +81,7 @@ def _triton_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace:
     counts, means, class_sq = kernels.batch_moments(features, target, stats.num_classes, workspace[:N])
     _check_finite(means)
     workspace[N:] = _chan_rows(stats.counts, stats.means, counts, means)
-    return counts, means, class_sq
+    return counts, means, class_sq, 1
 
 
 def _torch_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
@@ -88,7 +90,7 @@ def _torch_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: 
     _check_finite(means)
     workspace[:N] = centred
     workspace[N:] = _chan_rows(stats.counts, stats.means, counts, means)
-    return counts, means, class_sq
+    return counts, means, class_sq, 1
 
 
 _BACKEND_BATCH = {"cpp": _cpp_batch, "triton": _triton_batch, "torch": _torch_batch}
@@ -311,9 +313,10 @@ class NCStats:
         device, ``target`` (N,) integer classes in [0, K). Any N (0 and 1 included), any class
         mix. Raises ValueError (state unchanged) on bad shapes, targets or non-finite features.
 
-        The batch scatter and Chan's correction come from one Gram of (N + K) rows in float32
-        (float64 for float64 features): the rows are centred on their class means, so float32
-        keeps ~7 digits of the *within-class* spread however large the means are."""
+        The batch scatter and Chan's correction come from the Gram of N + K rows in float32
+        (float64 for float64 features): the rows are centred on class means (the batch's or
+        the running ones), so float32 keeps ~7 digits of the *within-class* spread however
+        large the means are."""
         features, target = _check_batch(features, target, self.num_classes, self.dim, self.device)
         if features.shape[0] == 0:
             return self
@@ -321,9 +324,13 @@ class NCStats:
         if backend != "cpp":
             _check_target_range(target, self.num_classes)
         workspace = self._workspace_rows(features.shape[0] + self.num_classes, _gram_dtype(features.dtype))
-        counts, means, class_sq = _BACKEND_BATCH[backend](features, target, self, workspace)
+        counts, means, class_sq, sign = _BACKEND_BATCH[backend](features, target, self, workspace)
         with _ieee_fp32_matmul(self.device):
-            gram = workspace.T @ workspace
+            if sign > 0:
+                gram = workspace.T @ workspace
+            else:
+                centred, rows = workspace[: features.shape[0]], workspace[features.shape[0]:]
+                gram = (centred.T @ centred).addmm_(rows.T, rows, alpha=-1)
         if backend == "cpp":
             from . import _C
 
