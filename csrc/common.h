@@ -117,5 +117,6 @@ View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsi
 inline int thread_count(int requested) { return requested > 0 ? requested : 1; }
 
 void register_losses(py::module_& m);
+void register_ncstats(py::module_& m);
 
 }  // namespace ncfast
