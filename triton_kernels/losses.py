@@ -47,10 +47,12 @@ def _scalar(x, ACC: tl.constexpr):
 @triton.jit
 def _one_minus_exp(x):
     # 1 - exp(x) = -expm1(x) for x <= 0, accurate as x -> 0 (Kahan's exp/log ratio; Triton has
-    # no portable expm1): 1 - p_y stays exact as p_y -> 1 (SPEC §1, Liger PR #1329).
+    # no portable expm1): 1 - p_y stays exact as p_y -> 1 (SPEC §1, Liger PR #1329). Below -1
+    # there is no cancellation, and the ratio would meet log(0) once exp(x) underflows.
     u = tl.exp(x)
-    ratio = tl.where(u == 1.0, 1.0, (u - 1.0) / tl.log(u))
-    return -tl.where(u == 1.0, x, ratio * x)
+    near_zero = (u != 1.0) & (x > -1.0)
+    kahan = (u - 1.0) * x / tl.log(tl.where(near_zero, u, 0.5))
+    return -tl.where(near_zero, kahan, tl.where(u == 1.0, x, u - 1.0))
 
 
 @triton.jit
