@@ -25,7 +25,8 @@ import triton.language as tl
 # to run the two-sweep path at small K.
 MAX_BLOCK = 16384
 
-CROSS_ENTROPY, FOCAL, RESCALED_MSE = 0, 1, 2
+# Loss kinds (the order of ncfast.losses.LOSSES).
+CROSS_ENTROPY, FOCAL, RESCALED_MSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 def _configs():
@@ -102,15 +103,16 @@ def _rescaled_mse_row(target_logit, sumsq_others, w_y, kappa, beta):
 @triton.jit
 def _block_statistics(z, in_row, is_target, col_weight, KIND: tl.constexpr):
     """Of one block of a row: (max, Σ exp(z - max), Σ_j u_j z_j or Σ_{j≠y} z_j², any NaN)."""
+    zero = tl.zeros([], z.dtype)
     if KIND == RESCALED_MSE:
-        zero = tl.zeros([], z.dtype)
-        return zero, zero, tl.sum(tl.where(in_row & ~is_target, z * z, 0.0)), zero
-    block_max = tl.max(z)
-    # All -inf (padding, masked classes): shift by 0 so that exp gives 0, not NaN.
-    shift = tl.where(block_max == float("-inf"), 0.0, block_max)
-    sumexp = tl.sum(tl.exp(z - shift))
-    linear = tl.sum(tl.where(in_row, col_weight * z, 0.0))
-    has_nan = tl.max(tl.where(z != z, 1.0, 0.0))
+        block_max, sumexp, linear, has_nan = zero, zero, tl.sum(tl.where(in_row & ~is_target, z * z, 0.0)), zero
+    else:
+        block_max = tl.max(z)
+        # All -inf (padding, masked classes): shift by 0 so that exp gives 0, not NaN.
+        shift = tl.where(block_max == float("-inf"), 0.0, block_max)
+        sumexp = tl.sum(tl.exp(z - shift))
+        linear = tl.sum(tl.where(in_row, col_weight * z, 0.0))
+        has_nan = tl.max(tl.where(z != z, 1.0, zero))
     return block_max, sumexp, linear, has_nan
 
 
@@ -161,7 +163,7 @@ def _loss_kernel(
     grad_ptr, grad_stride, row_loss_ptr, K, ignore_index,
     smoothing: tl.float64, gamma: tl.float64, kappa: tl.float64, beta: tl.float64,
     KIND: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, COLUMN_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_SWEEP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = logits_ptr + row * logits_stride
@@ -186,8 +188,8 @@ def _loss_kernel(
     read_end = tl.where(keep, K, 0)
     cols = tl.arange(0, BLOCK)
 
-    if BLOCK >= K:
-        # The whole row in registers: read once.
+    if ONE_SWEEP:
+        # The whole row (K <= BLOCK) in registers: read once.
         in_row = cols < K
         z = tl.load(z_row + cols, mask=cols < read_end, other=other).to(ACC)
         col_weight = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
@@ -261,6 +263,6 @@ def loss_forward(logits, target, weight, alpha, grad, kind, params, ignore_index
         float(params["label_smoothing"]), float(params["gamma"]), float(params["kappa"]), float(params["beta"]),
         KIND=kind, HAS_WEIGHT=weight is not None, HAS_ALPHA=alpha is not None,
         COLUMN_WEIGHTS=weight is not None and kind == CROSS_ENTROPY and params["label_smoothing"] > 0,
-        MEAN=bool(mean), ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block,
+        MEAN=bool(mean), ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, ONE_SWEEP=block >= num_classes,
     )
     return row_loss, sums[0]
