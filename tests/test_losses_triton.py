@@ -122,12 +122,12 @@ def assert_near_cpp(actual, expected, dtype):
 
 
 def kernel_forward(logits, target, loss="cross_entropy", weight=None, alpha=None, grad=None, mean=False,
-                   ignore_index=-100, **params):
+                   ignore_index=-100, lse=None, **params):
     """The kernel called directly, below the API's checks."""
     params = {"label_smoothing": 0.0, "gamma": 0.0, "kappa": 1.0, "beta": 0.0, **params}
     grad = torch.empty_like(logits) if grad is None else grad
     rows, total = kernels.loss_forward(logits, target, weight, alpha, grad, LOSSES.index(loss), params,
-                                       ignore_index, mean)
+                                       ignore_index, mean, lse)
     return rows, total, grad
 
 
@@ -213,6 +213,50 @@ def test_label_smoothing_with_weights_and_ignore_index(path):
         assert (grad[[0, 4]] == 0).all()
 
 
+def capped_reference(loss, logits, target, weight, lse_square_scale, softcap, gamma=2.0, ignore_index=-100):
+    """Float64 rows, "mean" gradient and lse of the losses on softcap·tanh(z/softcap), with the
+    z-loss w_y λ lse² for cross-entropy, by autograd."""
+    x = logits.detach().double().requires_grad_(True)
+    z = softcap * torch.tanh(x / softcap) if softcap else x
+    keep = target != ignore_index
+    lse = torch.where(keep, torch.logsumexp(z, dim=1), 0.0)
+    if loss == "cross_entropy":
+        rows = reference.cross_entropy_rows(z, target, weight, ignore_index)
+        w_y = weight[torch.where(keep, target, 0)] * keep
+        rows = rows + lse_square_scale * w_y * lse**2
+    elif loss == "focal":
+        rows = reference.focal_rows(z, target, gamma, None, weight, ignore_index)
+    else:
+        rows = reference.rescaled_mse_rows(z, target, 1.0, 0.0, weight, ignore_index)
+        lse = torch.zeros_like(lse)
+    (rows.sum() / reference.total_weight(target, weight, ignore_index)).backward()
+    return rows.detach(), x.grad, lse.detach()
+
+
+@interpreted
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_z_loss_softcap_and_lse(loss, dtype, path):
+    """z-loss (``lse_square_scale``) and logit ``softcap`` (Gemma 2), and the per-row lse output."""
+    path(40)
+    logits, target = make_inputs(6, 40, dtype, scale=4.0)
+    logits[0, :20] = torch.linspace(-0.3, 0.3, 20, dtype=dtype)  # |z/softcap| near 0: tanh's small branch
+    weight = torch.rand(40, dtype=torch.float64) + 0.5
+    for z_loss, softcap in [(0.01, 0.0), (0.0, 5.0), (1e-3, 3.0)]:
+        lse = torch.full((6,), float("nan"), dtype=_acc(dtype))
+        rows, total, grad = kernel_forward(logits, target, loss, weight=weight.to(dtype), mean=True, gamma=2.0,
+                                           lse_square_scale=z_loss, softcap=softcap, lse=lse)
+        expected_rows, expected_grad, expected_lse = capped_reference(loss, logits, target, weight, z_loss, softcap)
+        assert_near(rows, expected_rows, dtype)
+        assert_near(grad, expected_grad, dtype)
+        assert_near(lse, expected_lse, dtype)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # ---------------------------------------------------------------------------- layout, in place
 @interpreted
 @pytest.mark.parametrize("path", PATHS, indirect=True)
@@ -257,8 +301,8 @@ def test_inplace_backward(loss, reduction, path):
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_nan_rows_match_cpp(loss, path):
-    """NaN/+inf in a row makes the row NaN (all -inf too for the softmax losses); a -inf logit
-    is a masked class; other rows are untouched."""
+    """A NaN makes its row NaN, for every loss; so do +inf and all -inf for the softmax losses,
+    where a -inf logit is a masked class; other rows are untouched."""
     path(6)
     logits = torch.randn(5, 6, dtype=torch.float64)
     logits[1, 2] = float("nan")
@@ -268,8 +312,10 @@ def test_nan_rows_match_cpp(loss, path):
     target = torch.tensor([0, 1, 2, 4, 0])
     value, grad = loss_and_grad(loss, logits, target, "triton", "none")
     cpp_value, cpp_grad = loss_and_grad(loss, logits, target, "cpp", "none")
-    assert_near_cpp(value, cpp_value, torch.float64)
-    assert_near_cpp(grad, cpp_grad, torch.float64)
+    assert torch.isnan(value[1]) and torch.isnan(grad[1]).all()  # the MSE too: the row, not one column
+    finite = [0, 2, 3, 4]
+    assert_near_cpp(value[finite], cpp_value[finite], torch.float64)
+    assert_near_cpp(grad[finite], cpp_grad[finite], torch.float64)
     if loss != "rescaled_mse":
         assert torch.isnan(value[[1, 2, 4]]).all() and torch.isnan(grad[[1, 2, 4]]).all()
         assert torch.isfinite(value[[0, 3]]).all() and (grad[3, :3] == 0).all()

@@ -1,11 +1,13 @@
 """Triton kernel of the fused loss family (SPEC §1, §7): cross-entropy with (weighted) label
-smoothing, focal loss and rescaled MSE, loss and gradient in one launch, one program per row.
+smoothing and z-loss, focal loss and rescaled MSE, optionally on logits capped by
+softcap·tanh(z/softcap); loss, gradient and each row's lse in one launch, one program per row.
 
 The per-row math is that of ``csrc/losses.cpp``: one sweep gives the row's statistics (max,
 Σ exp(z − max), Σ_j w_j z_j or Σ_{j≠y} z_j², a NaN flag); one small function per loss turns them
 into (ℓ, a, c, g_y); the gradient is written once as g_j = scale·(a·v_j + c·u_j) for j ≠ y and
 scale·g_y at the target, with v_j = exp(z_j − max) (softmax losses) or z_j (MSE) and u_j the
-class weight w_j (1 without weights).
+class weight w_j (1 without weights); with a softcap every g_j is then multiplied by the cap's
+derivative 1 - (capped z_j / softcap)².
 
 A row of at most ``MAX_BLOCK`` columns is read once and kept in registers; a longer row is read
 twice (online max / sum-exp over column blocks, then the gradient sweep, which recomputes the
@@ -57,15 +59,33 @@ def _one_minus_exp(x):
 
 
 @triton.jit
+def _tanh(x):
+    # Triton has no portable tanh: tanh|x| = m / (2 - m) with m = 1 - exp(-2|x|), exact near 0.
+    m = _one_minus_exp(-2.0 * tl.abs(x))
+    t = m / (2.0 - m)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _load_logits(ptr, mask, other, softcap, ACC: tl.constexpr, CAP: tl.constexpr):
+    """Logits as the loss sees them: softcap·tanh(z/softcap) when CAP (Gemma 2's logit cap);
+    ``other`` where ``mask`` is false."""
+    z = tl.load(ptr, mask=mask, other=other).to(ACC)
+    if CAP:
+        z = tl.where(mask, softcap * _tanh(z / softcap), other)
+    return z
+
+
+@triton.jit
 def _target_log_prob(row_max, sumexp, target_logit):
     log_p = (target_logit - row_max) - tl.log(sumexp)
     return log_p, _one_minus_exp(log_p)
 
 
 @triton.jit
-def _cross_entropy_row(row_max, sumexp, target_logit, weighted_sum, w_y, class_weight_sum, K, smoothing):
-    # ℓ = (1-α) w_y (lse - z_y) + (α/K) Σ_j w_j (lse - z_j)   (torch's weighted label smoothing)
-    # g_j = p_j((1-α) w_y + α W/K) - (α/K) w_j - (1-α) w_y δ_jy
+def _cross_entropy_row(row_max, sumexp, target_logit, weighted_sum, w_y, class_weight_sum, K, smoothing, z_loss):
+    # ℓ = (1-α) w_y (lse - z_y) + (α/K) Σ_j w_j (lse - z_j) + w_y λ lse²  (torch's weighted label
+    # smoothing, plus the z-loss);  g_j = p_j((1-α) w_y + α W/K + 2 w_y λ lse) - (α/K) w_j - (1-α) w_y δ_jy
     log_p, one_minus_p = _target_log_prob(row_max, sumexp, target_logit)
     uniform = smoothing / K
     W = class_weight_sum
@@ -76,7 +96,10 @@ def _cross_entropy_row(row_max, sumexp, target_logit, weighted_sum, w_y, class_w
     loss = tl.where(smoothing > 0, loss + smooth, loss)
     p_y = 1 - one_minus_p
     grad_target = -(1 - smoothing) * w_y * one_minus_p + uniform * (W * p_y - w_y)
-    return loss, ((1 - smoothing) * w_y + uniform * W) / sumexp, -uniform, grad_target
+    lse = row_max + tl.log(sumexp)
+    z_coef = 2 * w_y * z_loss * lse
+    return (loss + w_y * z_loss * lse * lse, ((1 - smoothing) * w_y + uniform * W + z_coef) / sumexp, -uniform,
+            grad_target + z_coef * p_y)
 
 
 @triton.jit
@@ -104,15 +127,15 @@ def _rescaled_mse_row(target_logit, sumsq_others, w_y, kappa, beta):
 def _block_statistics(z, in_row, is_target, col_weight, KIND: tl.constexpr):
     """Of one block of a row: (max, Σ exp(z - max), Σ_j u_j z_j or Σ_{j≠y} z_j², any NaN)."""
     zero = tl.zeros([], z.dtype)
+    has_nan = tl.max(tl.where(z != z, 1.0, zero))
     if KIND == RESCALED_MSE:
-        block_max, sumexp, linear, has_nan = zero, zero, tl.sum(tl.where(in_row & ~is_target, z * z, 0.0)), zero
+        block_max, sumexp, linear = zero, zero, tl.sum(tl.where(in_row & ~is_target, z * z, 0.0))
     else:
         block_max = tl.max(z)
         # All -inf (padding, masked classes): shift by 0 so that exp gives 0, not NaN.
         shift = tl.where(block_max == float("-inf"), 0.0, block_max)
         sumexp = tl.sum(tl.exp(z - shift))
         linear = tl.sum(tl.where(in_row, col_weight * z, 0.0))
-        has_nan = tl.max(tl.where(z != z, 1.0, zero))
     return block_max, sumexp, linear, has_nan
 
 
@@ -126,30 +149,36 @@ def _merge_sumexp(row_max, sumexp, block_max, block_sumexp):
 
 @triton.jit
 def _row_result(row_max, sumexp, linear, has_nan, target_logit, w_y, alpha_y, class_weight_sum, K, valid,
-                smoothing, gamma, kappa, beta, KIND: tl.constexpr):
-    """(ℓ, a, c, g_y) of one row from its statistics; NaN for a row with a NaN or +inf logit,
-    with only -inf logits (softmax losses), or with an out-of-range target."""
+                smoothing, gamma, kappa, beta, z_loss, KIND: tl.constexpr):
+    """(ℓ, a, c, g_y, lse) of one row from its statistics; all NaN for a row with a NaN logit,
+    with a +inf logit or only -inf logits (softmax losses), or with an out-of-range target."""
     if KIND == RESCALED_MSE:
         loss, a, c, grad_target = _rescaled_mse_row(target_logit, linear, w_y, kappa, beta)
-        bad = ~valid
+        lse = tl.zeros_like(loss)
+        bad = (has_nan > 0) | ~valid
     else:
         if KIND == FOCAL:
             loss, a, c, grad_target = _focal_row(row_max, sumexp, target_logit, w_y, alpha_y, gamma)
         else:
             loss, a, c, grad_target = _cross_entropy_row(row_max, sumexp, target_logit, linear, w_y,
-                                                         class_weight_sum, K, smoothing)
+                                                         class_weight_sum, K, smoothing, z_loss)
+        lse = row_max + tl.log(sumexp)
         bad = (has_nan > 0) | (row_max == float("inf")) | (row_max == float("-inf")) | ~valid
     nan = float("nan")
-    return (tl.where(bad, nan, loss), tl.where(bad, nan, a), tl.where(bad, nan, c), tl.where(bad, nan, grad_target))
+    return (tl.where(bad, nan, loss), tl.where(bad, nan, a), tl.where(bad, nan, c), tl.where(bad, nan, grad_target),
+            tl.where(bad, nan, lse))
 
 
 @triton.jit
-def _gradient_block(z, cols, is_target, col_weight, row_max, a, c, grad_target, keep, KIND: tl.constexpr):
+def _gradient_block(z, is_target, col_weight, row_max, a, c, grad_target, keep, softcap, KIND: tl.constexpr,
+                    CAP: tl.constexpr):
     if KIND == RESCALED_MSE:
         v = z
     else:
         v = tl.exp(z - row_max)
     g = tl.where(is_target, grad_target, a * v + c * col_weight)
+    if CAP:
+        g = g * (1 - (z / softcap) * (z / softcap))
     return tl.where(keep, g, 0.0)
 
 
@@ -160,10 +189,12 @@ def _gradient_block(z, cols, is_target, col_weight, row_max, a, c, grad_target, 
 @triton.jit
 def _loss_kernel(
     logits_ptr, logits_stride, target_ptr, target_stride, weight_ptr, alpha_ptr, sums_ptr,
-    grad_ptr, grad_stride, row_loss_ptr, K, ignore_index,
-    smoothing: tl.float64, gamma: tl.float64, kappa: tl.float64, beta: tl.float64,
+    grad_ptr, grad_stride, row_loss_ptr, lse_ptr, K, ignore_index,
+    smoothing: tl.float64, gamma: tl.float64, kappa: tl.float64, beta: tl.float64, z_loss: tl.float64,
+    softcap: tl.float64,
     KIND: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, COLUMN_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_SWEEP: tl.constexpr,
+    MEAN: tl.constexpr, CAP: tl.constexpr, WRITE_LSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ONE_SWEEP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = logits_ptr + row * logits_stride
@@ -175,7 +206,6 @@ def _loss_kernel(
     y_safe = tl.where(keep & valid, y, 0)
     w_y = tl.load(weight_ptr + y_safe).to(ACC) if HAS_WEIGHT else 1.0
     alpha_y = tl.load(alpha_ptr + y_safe).to(ACC) if HAS_ALPHA else 1.0
-    target_logit = tl.load(z_row + y_safe, mask=keep).to(ACC)
     # Per-column weights enter only through weighted label smoothing; W = Σ_j w_j.
     class_weight_sum = tl.load(sums_ptr + 1).to(ACC) if COLUMN_WEIGHTS else tl.zeros([], ACC) + K
     scale = 1 / tl.load(sums_ptr).to(ACC) if MEAN else 1.0
@@ -183,6 +213,9 @@ def _loss_kernel(
     gamma = _scalar(gamma, ACC)
     kappa = _scalar(kappa, ACC)
     beta = _scalar(beta, ACC)
+    z_loss = _scalar(z_loss, ACC)
+    softcap = _scalar(softcap, ACC)
+    target_logit = _load_logits(z_row + y_safe, keep, 0.0, softcap, ACC, CAP)
     other = 0.0 if KIND == RESCALED_MSE else float("-inf")
     # Columns to read: none for an ignored row (its gradient is written as zeros).
     read_end = tl.where(keep, K, 0)
@@ -191,13 +224,14 @@ def _loss_kernel(
     if ONE_SWEEP:
         # The whole row (K <= BLOCK) in registers: read once.
         in_row = cols < K
-        z = tl.load(z_row + cols, mask=cols < read_end, other=other).to(ACC)
+        z = _load_logits(z_row + cols, cols < read_end, other, softcap, ACC, CAP)
         col_weight = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
         row_max, sumexp, linear, has_nan = _block_statistics(z, in_row, cols == y, col_weight, KIND)
-        loss, a, c, grad_target = _row_result(row_max, sumexp, linear, has_nan, target_logit, w_y, alpha_y,
-                                              class_weight_sum, K, valid, smoothing, gamma, kappa, beta, KIND)
-        g = _gradient_block(z, cols, cols == y, col_weight, row_max, scale * a, scale * c, scale * grad_target,
-                            keep, KIND)
+        loss, a, c, grad_target, lse = _row_result(row_max, sumexp, linear, has_nan, target_logit, w_y, alpha_y,
+                                                   class_weight_sum, K, valid, smoothing, gamma, kappa, beta,
+                                                   z_loss, KIND)
+        g = _gradient_block(z, cols == y, col_weight, row_max, scale * a, scale * c, scale * grad_target, keep,
+                            softcap, KIND, CAP)
         tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
     else:
         # Sweep 1: online max / sum-exp over column blocks.
@@ -207,38 +241,43 @@ def _loss_kernel(
         has_nan = tl.zeros([], ACC)
         for start in range(0, K, BLOCK):
             in_row = start + cols < K
-            z = tl.load(z_row + start + cols, mask=start + cols < read_end, other=other).to(ACC)
+            z = _load_logits(z_row + start + cols, start + cols < read_end, other, softcap, ACC, CAP)
             col_weight = tl.load(weight_ptr + start + cols, mask=in_row, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
             block_max, block_sumexp, block_linear, block_nan = _block_statistics(z, in_row, start + cols == y,
                                                                                  col_weight, KIND)
             row_max, sumexp = _merge_sumexp(row_max, sumexp, block_max, block_sumexp)
             linear += block_linear
             has_nan = tl.maximum(has_nan, block_nan)
-        loss, a, c, grad_target = _row_result(row_max, sumexp, linear, has_nan, target_logit, w_y, alpha_y,
-                                              class_weight_sum, K, valid, smoothing, gamma, kappa, beta, KIND)
+        loss, a, c, grad_target, lse = _row_result(row_max, sumexp, linear, has_nan, target_logit, w_y, alpha_y,
+                                                   class_weight_sum, K, valid, smoothing, gamma, kappa, beta,
+                                                   z_loss, KIND)
         # Sweep 2: the gradient, block by block.
         for start in range(0, K, BLOCK):
             in_row = start + cols < K
-            z = tl.load(z_row + start + cols, mask=start + cols < read_end, other=other).to(ACC)
+            z = _load_logits(z_row + start + cols, start + cols < read_end, other, softcap, ACC, CAP)
             col_weight = tl.load(weight_ptr + start + cols, mask=in_row, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
-            g = _gradient_block(z, start + cols, start + cols == y, col_weight, row_max, scale * a, scale * c,
-                                scale * grad_target, keep, KIND)
+            g = _gradient_block(z, start + cols == y, col_weight, row_max, scale * a, scale * c,
+                                scale * grad_target, keep, softcap, KIND, CAP)
             tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
     tl.store(row_loss_ptr + row, tl.where(keep, loss, 0.0))
+    if WRITE_LSE:
+        tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
 
 
 # --------------------------------------------------------------------------------------------
 # launcher
 # --------------------------------------------------------------------------------------------
-def loss_forward(logits, target, weight, alpha, grad, kind, params, ignore_index, mean):
+def loss_forward(logits, target, weight, alpha, grad, kind, params, ignore_index, mean, lse=None):
     """Fills ``grad`` (N, K) with w_{y_i}·∂ℓ_i/∂z_i (divided by Σw when ``mean``) and returns
     ``(row_loss, total_weight)``: row_loss (N,) w_{y_i}·ℓ_i in fp32 (fp64 for fp64 logits) and
     total_weight the 0-d Σ_i w_{y_i} over the counted rows, both on the logits' device (no host
-    sync).
+    sync). ``lse``, when given, an (N,) tensor of row_loss's dtype, receives each row's
+    log-sum-exp (0 for ignored rows and for the MSE).
 
     logits (N, K) with unit column stride, any row stride; target (N,) int64; weight, alpha
     (K,) or None; grad (N, K) with unit column stride, may be ``logits`` itself; kind 0/1/2 =
-    cross-entropy / focal / rescaled MSE; params: label_smoothing, gamma, kappa, beta.
+    cross-entropy / focal / rescaled MSE; params: label_smoothing, gamma, kappa, beta and, optional
+    (0: off), lse_square_scale (the z-loss λ) and softcap.
     """
     num_rows, num_classes = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -255,14 +294,16 @@ def loss_forward(logits, target, weight, alpha, grad, kind, params, ignore_index
         alpha = alpha.detach().to(device, acc).contiguous()
     if num_rows == 0:
         return row_loss, sums[0]
-    block = min(triton.next_power_of_2(num_classes), MAX_BLOCK)
+    # fp64 rows take twice the registers: half the columns fit (sm_90 spills beyond).
+    block = min(triton.next_power_of_2(num_classes), MAX_BLOCK // (2 if acc == torch.float64 else 1))
     _loss_kernel[(num_rows,)](
         logits, logits.stride(0), target, target.stride(0),
         weight if weight is not None else sums, alpha if alpha is not None else sums, sums,
-        grad, grad.stride(0), row_loss, num_classes, ignore_index,
+        grad, grad.stride(0), row_loss, row_loss if lse is None else lse, num_classes, ignore_index,
         float(params["label_smoothing"]), float(params["gamma"]), float(params["kappa"]), float(params["beta"]),
+        float(params.get("lse_square_scale", 0.0)), float(params.get("softcap", 0.0)),
         KIND=kind, HAS_WEIGHT=weight is not None, HAS_ALPHA=alpha is not None,
         COLUMN_WEIGHTS=weight is not None and kind == CROSS_ENTROPY and params["label_smoothing"] > 0,
-        MEAN=bool(mean), ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, ONE_SWEEP=block >= num_classes,
+        MEAN=bool(mean), CAP=params.get("softcap", 0.0) > 0, WRITE_LSE=lse is not None, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, ONE_SWEEP=block >= num_classes,
     )
     return row_loss, sums[0]
