@@ -1,9 +1,9 @@
 """The Triton loss kernel (``triton_kernels/losses.py``) against the float64 reference and the
 C++ kernel.
 
-CPU tests run the kernel under the Triton interpreter: the CI runs this module in its own
-pytest invocation with ``TRITON_INTERPRET=1`` set before import (this module sets nothing).
-Tests marked ``gpu`` run the compiled kernel on a CUDA device. Both paths of the kernel are
+CPU tests run the kernel under the Triton interpreter, which needs ``TRITON_INTERPRET=1`` set
+before triton is imported (``conftest.py`` does so on a machine without a GPU; this module sets
+nothing). Tests marked ``gpu`` run the compiled kernel on a CUDA device. Both paths of the kernel are
 covered: the row kept in registers (one read) and, with ``MAX_BLOCK`` lowered, the two-sweep
 path of long rows.
 """
