@@ -257,6 +257,54 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def combine_row_stats(pieces, loss):
+    """What the all-reduces do to the per-slice statistics: max by max, the rest by sums, the
+    sum-exps rescaled to the global max first."""
+    stats = torch.stack(pieces)
+    if loss != "rescaled_mse":
+        global_max = stats[:, :, 0].amax(dim=0)
+        rescale = torch.where(stats[:, :, 1] > 0, torch.exp(stats[:, :, 0] - global_max), 0.0)
+        stats[:, :, 1] *= rescale
+        stats[:, :, 0] = global_max
+    combined = stats.sum(dim=0)
+    if loss != "rescaled_mse":
+        combined[:, 0] = stats[0, :, 0]
+    return combined
+
+
+@interpreted
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_vocabulary_split_equals_whole_rows(loss, path):
+    """Classes split over three "processes": statistics per slice, combined, then the loss and
+    each slice's gradient from them equal the unsplit kernel's."""
+    path(17)
+    slices = [(0, 17), (17, 34), (34, 51)]
+    logits, target = make_inputs(7, 51, torch.float32, ignore=True)
+    logits[5, 20:34] = float("-inf")  # a slice with only masked classes
+    logits[6, 40] = float("nan")
+    weight = torch.rand(51, dtype=torch.float64) + 0.5
+    alpha = torch.linspace(0.25, 1.0, 51, dtype=torch.float64) if loss == "focal" else None
+    params = {"label_smoothing": 0.2, "gamma": 2.0, "kappa": 2.0, "beta": 1.0, "lse_square_scale": 1e-3,
+              "softcap": 8.0}
+    kind = LOSSES.index(loss)
+    whole_lse = torch.empty(7)
+    whole_rows, whole_total, whole_grad = kernel_forward(logits, target, loss, weight=weight, alpha=alpha,
+                                                         mean=True, lse=whole_lse, **params)
+    pieces = [kernels.row_stats(logits[:, a:b], target, weight, kind, params, -100, a, 51) for a, b in slices]
+    stats = combine_row_stats(pieces, loss)
+    grad = torch.empty_like(logits)
+    for a, b in slices:
+        lse = torch.empty(7)
+        rows, total = kernels.loss_from_stats(logits[:, a:b], target, stats, weight, alpha, grad[:, a:b], kind,
+                                              params, -100, True, a, 51, lse)
+        assert_near_cpp(rows, whole_rows, torch.float32)
+        assert_near_cpp(lse, whole_lse, torch.float32)
+        assert torch.equal(total, whole_total)
+    assert_near_cpp(grad, whole_grad, torch.float32)
+    assert torch.isnan(rows[6]) and torch.isfinite(rows[:6]).all()
+
+
 # ---------------------------------------------------------------------------- layout, in place
 @interpreted
 @pytest.mark.parametrize("path", PATHS, indirect=True)

@@ -13,6 +13,10 @@ A row of at most ``MAX_BLOCK`` columns is read once and kept in registers; a lon
 twice (online max / sum-exp over column blocks, then the gradient sweep, which recomputes the
 exp: cheaper on a GPU than storing and re-reading it). The gradient may alias the logits (every
 element is read before the same thread overwrites it).
+
+With the classes split across processes (vocabulary parallelism) the same kernel runs in two
+phases: :func:`row_stats` writes each row's statistics over the local slice, the caller
+all-reduces them, and :func:`loss_from_stats` writes the loss and the slice's gradient.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ MAX_BLOCK = 16384
 
 # Loss kinds (the order of ncfast.losses.LOSSES).
 CROSS_ENTROPY, FOCAL, RESCALED_MSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Kernel phases: the fused loss, or vocabulary parallelism's statistics / loss from statistics.
+FUSED, STATS, FROM_STATS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+STATS_FIELDS = tl.constexpr(5)
 
 
 def _configs():
@@ -185,29 +192,32 @@ def _gradient_block(z, is_target, col_weight, row_max, a, c, grad_target, keep, 
 # --------------------------------------------------------------------------------------------
 # kernel
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["K", "BLOCK"], restore_value=["grad_ptr"])
+@triton.autotune(configs=_configs(), key=["K", "BLOCK", "PHASE"], restore_value=["grad_ptr"])
 @triton.jit
 def _loss_kernel(
-    logits_ptr, logits_stride, target_ptr, target_stride, weight_ptr, alpha_ptr, sums_ptr,
-    grad_ptr, grad_stride, row_loss_ptr, lse_ptr, K, ignore_index,
+    logits_ptr, logits_stride, target_ptr, target_stride, weight_ptr, alpha_ptr, sums_ptr, stats_ptr,
+    grad_ptr, grad_stride, row_loss_ptr, lse_ptr, K, total_classes, vocab_start, ignore_index,
     smoothing: tl.float64, gamma: tl.float64, kappa: tl.float64, beta: tl.float64, z_loss: tl.float64,
     softcap: tl.float64,
-    KIND: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, COLUMN_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, CAP: tl.constexpr, WRITE_LSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-    ONE_SWEEP: tl.constexpr,
+    PHASE: tl.constexpr, KIND: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    COLUMN_WEIGHTS: tl.constexpr, MEAN: tl.constexpr, CAP: tl.constexpr, WRITE_LSE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_SWEEP: tl.constexpr,
 ):
+    """One row of logits (its K columns are global columns vocab_start + j of total_classes)."""
     row = tl.program_id(0).to(tl.int64)
     z_row = logits_ptr + row * logits_stride
     g_row = grad_ptr + row * grad_stride
     y = tl.load(target_ptr + row * target_stride)
     keep = y != ignore_index
-    valid = (y >= 0) & (y < K)
+    valid = (y >= 0) & (y < total_classes)
     # An out-of-range target is never read through: it reads column 0 and the row turns NaN.
     y_safe = tl.where(keep & valid, y, 0)
+    y_local = y - vocab_start
+    local_target = keep & valid & (y_local >= 0) & (y_local < K)
     w_y = tl.load(weight_ptr + y_safe).to(ACC) if HAS_WEIGHT else 1.0
     alpha_y = tl.load(alpha_ptr + y_safe).to(ACC) if HAS_ALPHA else 1.0
     # Per-column weights enter only through weighted label smoothing; W = Σ_j w_j.
-    class_weight_sum = tl.load(sums_ptr + 1).to(ACC) if COLUMN_WEIGHTS else tl.zeros([], ACC) + K
+    class_weight_sum = tl.load(sums_ptr + 1).to(ACC) if COLUMN_WEIGHTS else tl.zeros([], ACC) + total_classes
     scale = 1 / tl.load(sums_ptr).to(ACC) if MEAN else 1.0
     smoothing = _scalar(smoothing, ACC)
     gamma = _scalar(gamma, ACC)
@@ -215,58 +225,118 @@ def _loss_kernel(
     beta = _scalar(beta, ACC)
     z_loss = _scalar(z_loss, ACC)
     softcap = _scalar(softcap, ACC)
-    target_logit = _load_logits(z_row + y_safe, keep, 0.0, softcap, ACC, CAP)
     other = 0.0 if KIND == RESCALED_MSE else float("-inf")
     # Columns to read: none for an ignored row (its gradient is written as zeros).
     read_end = tl.where(keep, K, 0)
     cols = tl.arange(0, BLOCK)
+    u_row = weight_ptr + vocab_start
 
-    if ONE_SWEEP:
-        # The whole row (K <= BLOCK) in registers: read once.
-        in_row = cols < K
-        z = _load_logits(z_row + cols, cols < read_end, other, softcap, ACC, CAP)
-        col_weight = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
-        row_max, sumexp, linear, has_nan = _block_statistics(z, in_row, cols == y, col_weight, KIND)
-        loss, a, c, grad_target, lse = _row_result(row_max, sumexp, linear, has_nan, target_logit, w_y, alpha_y,
-                                                   class_weight_sum, K, valid, smoothing, gamma, kappa, beta,
-                                                   z_loss, KIND)
-        g = _gradient_block(z, cols == y, col_weight, row_max, scale * a, scale * c, scale * grad_target, keep,
-                            softcap, KIND, CAP)
-        tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+    # The row's statistics: (max, Σ exp(z - max) (MSE: 0), z_y, Σ_j u_j z_j or Σ_{j≠y} z_j², NaN).
+    if PHASE == FROM_STATS:
+        stats = stats_ptr + row * STATS_FIELDS
+        row_max = tl.load(stats).to(ACC)
+        target_logit = tl.load(stats + 2).to(ACC)
+        has_nan = tl.load(stats + 4).to(ACC)
+        if KIND == RESCALED_MSE:
+            sumexp = tl.zeros([], ACC)
+            linear = tl.load(stats + 1).to(ACC)
+        else:
+            sumexp = tl.load(stats + 1).to(ACC)
+            linear = tl.load(stats + 3).to(ACC)
     else:
-        # Sweep 1: online max / sum-exp over column blocks.
-        row_max = tl.full([], float("-inf"), ACC)
-        sumexp = tl.zeros([], ACC)
-        linear = tl.zeros([], ACC)
-        has_nan = tl.zeros([], ACC)
-        for start in range(0, K, BLOCK):
-            in_row = start + cols < K
-            z = _load_logits(z_row + start + cols, start + cols < read_end, other, softcap, ACC, CAP)
-            col_weight = tl.load(weight_ptr + start + cols, mask=in_row, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
-            block_max, block_sumexp, block_linear, block_nan = _block_statistics(z, in_row, start + cols == y,
-                                                                                 col_weight, KIND)
-            row_max, sumexp = _merge_sumexp(row_max, sumexp, block_max, block_sumexp)
-            linear += block_linear
-            has_nan = tl.maximum(has_nan, block_nan)
+        target_logit = _load_logits(z_row + tl.where(local_target, y_local, 0), local_target, 0.0, softcap, ACC, CAP)
+        if ONE_SWEEP:
+            # The whole row (K <= BLOCK) in registers: read once.
+            in_row = cols < K
+            z = _load_logits(z_row + cols, cols < read_end, other, softcap, ACC, CAP)
+            col_weight = tl.load(u_row + cols, mask=in_row, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
+            row_max, sumexp, linear, has_nan = _block_statistics(z, in_row, cols == y_local, col_weight, KIND)
+        else:
+            # Online max / sum-exp over column blocks.
+            row_max = tl.full([], float("-inf"), ACC)
+            sumexp = tl.zeros([], ACC)
+            linear = tl.zeros([], ACC)
+            has_nan = tl.zeros([], ACC)
+            for start in range(0, K, BLOCK):
+                in_block = start + cols < K
+                z_block = _load_logits(z_row + start + cols, start + cols < read_end, other, softcap, ACC, CAP)
+                u = tl.load(u_row + start + cols, mask=in_block, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
+                block_max, block_sumexp, block_linear, block_nan = _block_statistics(
+                    z_block, in_block, start + cols == y_local, u, KIND)
+                row_max, sumexp = _merge_sumexp(row_max, sumexp, block_max, block_sumexp)
+                linear += block_linear
+                has_nan = tl.maximum(has_nan, block_nan)
+
+    if PHASE == STATS:
+        # The layout processes exchange: the MSE's Σ z² travels in the sum-exp slot.
+        stats = stats_ptr + row * STATS_FIELDS
+        zero = tl.zeros([], ACC)
+        tl.store(stats, tl.where(keep, row_max, zero))
+        tl.store(stats + 1, tl.where(keep, linear if KIND == RESCALED_MSE else sumexp, zero))
+        tl.store(stats + 2, tl.where(keep, target_logit, zero))
+        tl.store(stats + 3, tl.where(keep, zero if KIND == RESCALED_MSE else linear, zero))
+        tl.store(stats + 4, tl.where(keep, has_nan, zero))
+    else:
         loss, a, c, grad_target, lse = _row_result(row_max, sumexp, linear, has_nan, target_logit, w_y, alpha_y,
-                                                   class_weight_sum, K, valid, smoothing, gamma, kappa, beta,
-                                                   z_loss, KIND)
-        # Sweep 2: the gradient, block by block.
-        for start in range(0, K, BLOCK):
-            in_row = start + cols < K
-            z = _load_logits(z_row + start + cols, start + cols < read_end, other, softcap, ACC, CAP)
-            col_weight = tl.load(weight_ptr + start + cols, mask=in_row, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
-            g = _gradient_block(z, start + cols == y, col_weight, row_max, scale * a, scale * c,
-                                scale * grad_target, keep, softcap, KIND, CAP)
-            tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
-    tl.store(row_loss_ptr + row, tl.where(keep, loss, 0.0))
-    if WRITE_LSE:
-        tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
+                                                   class_weight_sum, total_classes, valid, smoothing, gamma, kappa,
+                                                   beta, z_loss, KIND)
+        if ONE_SWEEP and PHASE == FUSED:
+            g = _gradient_block(z, cols == y_local, col_weight, row_max, scale * a, scale * c, scale * grad_target,
+                                keep, softcap, KIND, CAP)
+            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+        else:
+            # The gradient sweep, block by block, recomputing exp(z - max).
+            for start in range(0, K, BLOCK):
+                in_block = start + cols < K
+                z_block = _load_logits(z_row + start + cols, start + cols < read_end, other, softcap, ACC, CAP)
+                u = tl.load(u_row + start + cols, mask=in_block, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
+                g = _gradient_block(z_block, start + cols == y_local, u, row_max, scale * a, scale * c,
+                                    scale * grad_target, keep, softcap, KIND, CAP)
+                tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=in_block)
+        tl.store(row_loss_ptr + row, tl.where(keep, loss, 0.0))
+        if WRITE_LSE:
+            tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
 
 
 # --------------------------------------------------------------------------------------------
-# launcher
+# launchers
 # --------------------------------------------------------------------------------------------
+def _launch(phase, logits, target, weight, alpha, grad, stats, lse, kind, params, ignore_index, mean, vocab_start,
+            total_classes):
+    num_rows, num_classes = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    device = logits.device
+    row_loss = torch.empty(num_rows, dtype=acc, device=device)
+    counted = (target != ignore_index) & (target >= 0) & (target < total_classes)
+    if weight is not None:
+        weight = weight.detach().to(device, acc).contiguous()
+        row_weight = torch.where(counted, weight[target.clamp(0, total_classes - 1)], 0.0)
+        sums = torch.stack([row_weight.sum(), weight.sum()])
+    else:
+        sums = torch.stack([counted.sum().to(acc), torch.zeros((), dtype=acc, device=device)])
+    if alpha is not None:
+        alpha = alpha.detach().to(device, acc).contiguous()
+    if num_rows == 0:
+        return row_loss, sums[0]
+    # fp64 rows take twice the registers: half the columns fit (sm_90 spills beyond).
+    block = min(triton.next_power_of_2(num_classes), MAX_BLOCK // (2 if acc == torch.float64 else 1))
+    grad = logits if grad is None else grad  # the statistics phase writes no gradient
+    softcap = float(params.get("softcap", 0.0))
+    _loss_kernel[(num_rows,)](
+        logits, logits.stride(0), target, target.stride(0),
+        sums if weight is None else weight, sums if alpha is None else alpha, sums, sums if stats is None else stats,
+        grad, grad.stride(0), row_loss, row_loss if lse is None else lse, num_classes, total_classes, vocab_start,
+        ignore_index,
+        float(params["label_smoothing"]), float(params["gamma"]), float(params["kappa"]), float(params["beta"]),
+        float(params.get("lse_square_scale", 0.0)), softcap,
+        PHASE=phase, KIND=kind, HAS_WEIGHT=weight is not None, HAS_ALPHA=alpha is not None,
+        COLUMN_WEIGHTS=weight is not None and kind == CROSS_ENTROPY and params["label_smoothing"] > 0,
+        MEAN=bool(mean), CAP=softcap > 0, WRITE_LSE=lse is not None,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, ONE_SWEEP=block >= num_classes,
+    )
+    return row_loss, sums[0]
+
+
 def loss_forward(logits, target, weight, alpha, grad, kind, params, ignore_index, mean, lse=None):
     """Fills ``grad`` (N, K) with w_{y_i}·∂ℓ_i/∂z_i (divided by Σw when ``mean``) and returns
     ``(row_loss, total_weight)``: row_loss (N,) w_{y_i}·ℓ_i in fp32 (fp64 for fp64 logits) and
@@ -279,31 +349,29 @@ def loss_forward(logits, target, weight, alpha, grad, kind, params, ignore_index
     cross-entropy / focal / rescaled MSE; params: label_smoothing, gamma, kappa, beta and, optional
     (0: off), lse_square_scale (the z-loss λ) and softcap.
     """
-    num_rows, num_classes = logits.shape
+    return _launch(FUSED, logits, target, weight, alpha, grad, None, lse, kind, params, ignore_index, mean, 0,
+                   logits.shape[1])
+
+
+def row_stats(logits, target, weight, kind, params, ignore_index, vocab_start, total_classes):
+    """Vocabulary parallelism, phase 1: the statistics of this process's slice of the classes.
+
+    logits (N, K_r) hold global columns [vocab_start, vocab_start + K_r) of total_classes;
+    weight (total_classes,) or None. Returns stats (N, 5): max, Σ exp(z - max) (MSE:
+    Σ_{j≠y} z_j²), z_y (0 off this slice), Σ_j w_j z_j, NaN flag; zeros for ignored rows. The
+    caller combines them over processes: the max by max, the rest by sums (sum-exps rescaled to
+    the global max first)."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    device = logits.device
-    row_loss = torch.empty(num_rows, dtype=acc, device=device)
-    counted = (target != ignore_index) & (target >= 0) & (target < num_classes)
-    if weight is not None:
-        weight = weight.detach().to(device, acc).contiguous()
-        row_weight = torch.where(counted, weight[target.clamp(0, num_classes - 1)], 0.0)
-        sums = torch.stack([row_weight.sum(), weight.sum()])
-    else:
-        sums = torch.stack([counted.sum().to(acc), torch.zeros((), dtype=acc, device=device)])
-    if alpha is not None:
-        alpha = alpha.detach().to(device, acc).contiguous()
-    if num_rows == 0:
-        return row_loss, sums[0]
-    # fp64 rows take twice the registers: half the columns fit (sm_90 spills beyond).
-    block = min(triton.next_power_of_2(num_classes), MAX_BLOCK // (2 if acc == torch.float64 else 1))
-    _loss_kernel[(num_rows,)](
-        logits, logits.stride(0), target, target.stride(0),
-        weight if weight is not None else sums, alpha if alpha is not None else sums, sums,
-        grad, grad.stride(0), row_loss, row_loss if lse is None else lse, num_classes, ignore_index,
-        float(params["label_smoothing"]), float(params["gamma"]), float(params["kappa"]), float(params["beta"]),
-        float(params.get("lse_square_scale", 0.0)), float(params.get("softcap", 0.0)),
-        KIND=kind, HAS_WEIGHT=weight is not None, HAS_ALPHA=alpha is not None,
-        COLUMN_WEIGHTS=weight is not None and kind == CROSS_ENTROPY and params["label_smoothing"] > 0,
-        MEAN=bool(mean), CAP=params.get("softcap", 0.0) > 0, WRITE_LSE=lse is not None, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, ONE_SWEEP=block >= num_classes,
-    )
-    return row_loss, sums[0]
+    stats = torch.empty(logits.shape[0], STATS_FIELDS.value, dtype=acc, device=logits.device)
+    _launch(STATS, logits, target, weight, None, None, stats, None, kind, params, ignore_index, False, vocab_start,
+            total_classes)
+    return stats
+
+
+def loss_from_stats(logits, target, stats, weight, alpha, grad, kind, params, ignore_index, mean, vocab_start,
+                    total_classes, lse=None):
+    """Vocabulary parallelism, phase 2: as :func:`loss_forward` for this slice of the classes,
+    from the combined ``stats`` of :func:`row_stats` (one read of the slice). Every process gets
+    the whole row's loss, lse and Σw."""
+    return _launch(FROM_STATS, logits, target, weight, alpha, grad, stats, lse, kind, params, ignore_index, mean,
+                   vocab_start, total_classes)
