@@ -71,12 +71,8 @@ def _torch_forward(logits, target, weight, alpha, grad, lse, loss, params, ignor
 def _triton_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
     from .triton_kernels import losses as kernels
 
-    if params["lse_square_scale"] or params["softcap"]:
-        raise ValueError("lse_square_scale, softcap: not supported by the triton backend yet")
-    rows, total = kernels.loss_forward(logits, target, weight, alpha, grad, LOSSES.index(loss), params,
-                                       ignore_index, mean)
-    lse.zero_()
-    return rows, total
+    return kernels.loss_forward(logits, target, weight, alpha, grad, LOSSES.index(loss), params, ignore_index, mean,
+                                lse)
 
 
 _BACKEND_FORWARD = {"cpp": _cpp_forward, "torch": _torch_forward, "triton": _triton_forward}

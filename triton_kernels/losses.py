@@ -1,0 +1,377 @@
+"""Triton kernel of the fused loss family (SPEC §1, §7): cross-entropy with (weighted) label
+smoothing and z-loss, focal loss and rescaled MSE, optionally on logits capped by
+softcap·tanh(z/softcap); loss, gradient and each row's lse in one launch, one program per row.
+
+The per-row math is that of ``csrc/losses.cpp``: one sweep gives the row's statistics (max,
+Σ exp(z − max), Σ_j w_j z_j or Σ_{j≠y} z_j², a NaN flag); one small function per loss turns them
+into (ℓ, a, c, g_y); the gradient is written once as g_j = scale·(a·v_j + c·u_j) for j ≠ y and
+scale·g_y at the target, with v_j = exp(z_j − max) (softmax losses) or z_j (MSE) and u_j the
+class weight w_j (1 without weights); with a softcap every g_j is then multiplied by the cap's
+derivative 1 - (capped z_j / softcap)².
+
+A row of at most ``MAX_BLOCK`` columns is read once and kept in registers; a longer row is read
+twice (online max / sum-exp over column blocks, then the gradient sweep, which recomputes the
+exp: cheaper on a GPU than storing and re-reading it). The gradient may alias the logits (every
+element is read before the same thread overwrites it).
+
+With the classes split across processes (vocabulary parallelism) the same kernel runs in two
+phases: :func:`row_stats` writes each row's statistics over the local slice, the caller
+all-reduces them, and :func:`loss_from_stats` writes the loss and the slice's gradient.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Longest row kept in registers (columns); longer rows take the two-sweep path. Tests lower it
+# to run the two-sweep path at small K.
+MAX_BLOCK = 16384
+
+# Loss kinds (the order of ncfast.losses.LOSSES).
+CROSS_ENTROPY, FOCAL, RESCALED_MSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Kernel phases: the fused loss, or vocabulary parallelism's statistics / loss from statistics.
+FUSED, STATS, FROM_STATS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+STATS_FIELDS = tl.constexpr(5)
+
+
+def _configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)]
+
+
+# --------------------------------------------------------------------------------------------
+# per-row math
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _scalar(x, ACC: tl.constexpr):
+    # x is an fp64 kernel argument on the device and a Python float in the interpreter: both
+    # reach the accumulation type through fp64, so fp64 logits see the parameters exactly.
+    return (tl.zeros([], tl.float64) + x).to(ACC)
+
+
+@triton.jit
+def _one_minus_exp(x):
+    # 1 - exp(x) = -expm1(x) for x <= 0, accurate as x -> 0 (Kahan's exp/log ratio; Triton has
+    # no portable expm1): 1 - p_y stays exact as p_y -> 1 (SPEC §1, Liger PR #1329). Below -1
+    # there is no cancellation, and the ratio would meet log(0) once exp(x) underflows.
+    u = tl.exp(x)
+    near_zero = (u != 1.0) & (x > -1.0)
+    kahan = (u - 1.0) * x / tl.log(tl.where(near_zero, u, 0.5))
+    return -tl.where(near_zero, kahan, tl.where(u == 1.0, x, u - 1.0))
+
+
+@triton.jit
+def _tanh(x):
+    # Triton has no portable tanh: tanh|x| = m / (2 - m) with m = 1 - exp(-2|x|), exact near 0.
+    m = _one_minus_exp(-2.0 * tl.abs(x))
+    t = m / (2.0 - m)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _load_logits(ptr, mask, other, softcap, ACC: tl.constexpr, CAP: tl.constexpr):
+    """Logits as the loss sees them: softcap·tanh(z/softcap) when CAP (Gemma 2's logit cap);
+    ``other`` where ``mask`` is false."""
+    z = tl.load(ptr, mask=mask, other=other).to(ACC)
+    if CAP:
+        z = tl.where(mask, softcap * _tanh(z / softcap), other)
+    return z
+
+
+@triton.jit
+def _target_log_prob(row_max, sumexp, target_logit):
+    log_p = (target_logit - row_max) - tl.log(sumexp)
+    return log_p, _one_minus_exp(log_p)
+
+
+@triton.jit
+def _cross_entropy_row(row_max, sumexp, target_logit, weighted_sum, w_y, class_weight_sum, K, smoothing, z_loss):
+    # ℓ = (1-α) w_y (lse - z_y) + (α/K) Σ_j w_j (lse - z_j) + w_y λ lse²  (torch's weighted label
+    # smoothing, plus the z-loss);  g_j = p_j((1-α) w_y + α W/K + 2 w_y λ lse) - (α/K) w_j - (1-α) w_y δ_jy
+    log_p, one_minus_p = _target_log_prob(row_max, sumexp, target_logit)
+    uniform = smoothing / K
+    W = class_weight_sum
+    loss = -(1 - smoothing) * w_y * log_p
+    # Σ_j w_j (lse - z_j) written around the max; skipped at α = 0 so that a -inf logit
+    # (a masked class) does not turn 0·inf into NaN.
+    smooth = uniform * ((W * row_max - weighted_sum) + W * tl.log(sumexp))
+    loss = tl.where(smoothing > 0, loss + smooth, loss)
+    p_y = 1 - one_minus_p
+    grad_target = -(1 - smoothing) * w_y * one_minus_p + uniform * (W * p_y - w_y)
+    lse = row_max + tl.log(sumexp)
+    z_coef = 2 * w_y * z_loss * lse
+    return (loss + w_y * z_loss * lse * lse, ((1 - smoothing) * w_y + uniform * W + z_coef) / sumexp, -uniform,
+            grad_target + z_coef * p_y)
+
+
+@triton.jit
+def _focal_row(row_max, sumexp, target_logit, w_y, alpha_y, gamma):
+    # ℓ = -w_y α_y (1-p_y)^γ log p_y;  g_j = w_y α_y c (δ_jy - p_j),
+    # c = (1-p_y)^γ (γ p_y · log p_y / (1-p_y) - 1), finite as p_y -> 1 for every γ >= 0.
+    log_p, one_minus_p = _target_log_prob(row_max, sumexp, target_logit)
+    factor = w_y * alpha_y
+    positive = one_minus_p > 0
+    safe = tl.where(positive, one_minus_p, 1.0)
+    modulator = tl.where(positive, tl.exp(gamma * tl.log(safe)), tl.where(gamma == 0, 1.0, 0.0))
+    log_ratio = tl.where(positive, log_p / safe, -1.0)
+    c = modulator * (gamma * (1 - one_minus_p) * log_ratio - 1)
+    return -factor * modulator * log_p, -factor * c / sumexp, 0.0, factor * c * one_minus_p
+
+
+@triton.jit
+def _rescaled_mse_row(target_logit, sumsq_others, w_y, kappa, beta):
+    # ℓ = w_y (κ (z_y - β)² + Σ_{j≠y} z_j²);  g_j = 2 w_y z_j, g_y = 2 w_y κ (z_y - β)
+    d = target_logit - beta
+    return w_y * (kappa * d * d + sumsq_others), 2 * w_y, 0.0, 2 * w_y * kappa * d
+
+
+@triton.jit
+def _block_statistics(z, in_row, is_target, col_weight, KIND: tl.constexpr):
+    """Of one block of a row: (max, Σ exp(z - max), Σ_j u_j z_j or Σ_{j≠y} z_j², any NaN)."""
+    zero = tl.zeros([], z.dtype)
+    has_nan = tl.max(tl.where(z != z, 1.0, zero))
+    if KIND == RESCALED_MSE:
+        block_max, sumexp, linear = zero, zero, tl.sum(tl.where(in_row & ~is_target, z * z, 0.0))
+    else:
+        block_max = tl.max(z)
+        # All -inf (padding, masked classes): shift by 0 so that exp gives 0, not NaN.
+        shift = tl.where(block_max == float("-inf"), 0.0, block_max)
+        sumexp = tl.sum(tl.exp(z - shift))
+        linear = tl.sum(tl.where(in_row, col_weight * z, 0.0))
+    return block_max, sumexp, linear, has_nan
+
+
+@triton.jit
+def _merge_sumexp(row_max, sumexp, block_max, block_sumexp):
+    new_max = tl.maximum(row_max, block_max)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    block_shift = tl.where(block_max == float("-inf"), 0.0, block_max)
+    return new_max, sumexp * tl.exp(row_max - shift) + block_sumexp * tl.exp(block_shift - shift)
+
+
+@triton.jit
+def _row_result(row_max, sumexp, linear, has_nan, target_logit, w_y, alpha_y, class_weight_sum, K, valid,
+                smoothing, gamma, kappa, beta, z_loss, KIND: tl.constexpr):
+    """(ℓ, a, c, g_y, lse) of one row from its statistics; all NaN for a row with a NaN logit,
+    with a +inf logit or only -inf logits (softmax losses), or with an out-of-range target."""
+    if KIND == RESCALED_MSE:
+        loss, a, c, grad_target = _rescaled_mse_row(target_logit, linear, w_y, kappa, beta)
+        lse = tl.zeros_like(loss)
+        bad = (has_nan > 0) | ~valid
+    else:
+        if KIND == FOCAL:
+            loss, a, c, grad_target = _focal_row(row_max, sumexp, target_logit, w_y, alpha_y, gamma)
+        else:
+            loss, a, c, grad_target = _cross_entropy_row(row_max, sumexp, target_logit, linear, w_y,
+                                                         class_weight_sum, K, smoothing, z_loss)
+        lse = row_max + tl.log(sumexp)
+        bad = (has_nan > 0) | (row_max == float("inf")) | (row_max == float("-inf")) | ~valid
+    nan = float("nan")
+    return (tl.where(bad, nan, loss), tl.where(bad, nan, a), tl.where(bad, nan, c), tl.where(bad, nan, grad_target),
+            tl.where(bad, nan, lse))
+
+
+@triton.jit
+def _gradient_block(z, is_target, col_weight, row_max, a, c, grad_target, keep, softcap, KIND: tl.constexpr,
+                    CAP: tl.constexpr):
+    if KIND == RESCALED_MSE:
+        v = z
+    else:
+        v = tl.exp(z - row_max)
+    g = tl.where(is_target, grad_target, a * v + c * col_weight)
+    if CAP:
+        g = g * (1 - (z / softcap) * (z / softcap))
+    return tl.where(keep, g, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# kernel
+# --------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs(), key=["K", "BLOCK", "PHASE"], restore_value=["grad_ptr"])
+@triton.jit
+def _loss_kernel(
+    logits_ptr, logits_stride, target_ptr, target_stride, weight_ptr, alpha_ptr, sums_ptr, stats_ptr,
+    grad_ptr, grad_stride, row_loss_ptr, lse_ptr, K, total_classes, vocab_start, ignore_index,
+    smoothing: tl.float64, gamma: tl.float64, kappa: tl.float64, beta: tl.float64, z_loss: tl.float64,
+    softcap: tl.float64,
+    PHASE: tl.constexpr, KIND: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    COLUMN_WEIGHTS: tl.constexpr, MEAN: tl.constexpr, CAP: tl.constexpr, WRITE_LSE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_SWEEP: tl.constexpr,
+):
+    """One row of logits (its K columns are global columns vocab_start + j of total_classes)."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = logits_ptr + row * logits_stride
+    g_row = grad_ptr + row * grad_stride
+    y = tl.load(target_ptr + row * target_stride)
+    keep = y != ignore_index
+    valid = (y >= 0) & (y < total_classes)
+    # An out-of-range target is never read through: it reads column 0 and the row turns NaN.
+    y_safe = tl.where(keep & valid, y, 0)
+    y_local = y - vocab_start
+    local_target = keep & valid & (y_local >= 0) & (y_local < K)
+    w_y = tl.load(weight_ptr + y_safe).to(ACC) if HAS_WEIGHT else 1.0
+    alpha_y = tl.load(alpha_ptr + y_safe).to(ACC) if HAS_ALPHA else 1.0
+    # Per-column weights enter only through weighted label smoothing; W = Σ_j w_j.
+    class_weight_sum = tl.load(sums_ptr + 1).to(ACC) if COLUMN_WEIGHTS else tl.zeros([], ACC) + total_classes
+    scale = 1 / tl.load(sums_ptr).to(ACC) if MEAN else 1.0
+    smoothing = _scalar(smoothing, ACC)
+    gamma = _scalar(gamma, ACC)
+    kappa = _scalar(kappa, ACC)
+    beta = _scalar(beta, ACC)
+    z_loss = _scalar(z_loss, ACC)
+    softcap = _scalar(softcap, ACC)
+    other = 0.0 if KIND == RESCALED_MSE else float("-inf")
+    # Columns to read: none for an ignored row (its gradient is written as zeros).
+    read_end = tl.where(keep, K, 0)
+    cols = tl.arange(0, BLOCK)
+    u_row = weight_ptr + vocab_start
+
+    # The row's statistics: (max, Σ exp(z - max) (MSE: 0), z_y, Σ_j u_j z_j or Σ_{j≠y} z_j², NaN).
+    if PHASE == FROM_STATS:
+        stats = stats_ptr + row * STATS_FIELDS
+        row_max = tl.load(stats).to(ACC)
+        target_logit = tl.load(stats + 2).to(ACC)
+        has_nan = tl.load(stats + 4).to(ACC)
+        if KIND == RESCALED_MSE:
+            sumexp = tl.zeros([], ACC)
+            linear = tl.load(stats + 1).to(ACC)
+        else:
+            sumexp = tl.load(stats + 1).to(ACC)
+            linear = tl.load(stats + 3).to(ACC)
+    else:
+        target_logit = _load_logits(z_row + tl.where(local_target, y_local, 0), local_target, 0.0, softcap, ACC, CAP)
+        if ONE_SWEEP:
+            # The whole row (K <= BLOCK) in registers: read once.
+            in_row = cols < K
+            z = _load_logits(z_row + cols, cols < read_end, other, softcap, ACC, CAP)
+            col_weight = tl.load(u_row + cols, mask=in_row, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
+            row_max, sumexp, linear, has_nan = _block_statistics(z, in_row, cols == y_local, col_weight, KIND)
+        else:
+            # Online max / sum-exp over column blocks.
+            row_max = tl.full([], float("-inf"), ACC)
+            sumexp = tl.zeros([], ACC)
+            linear = tl.zeros([], ACC)
+            has_nan = tl.zeros([], ACC)
+            for start in range(0, K, BLOCK):
+                in_block = start + cols < K
+                z_block = _load_logits(z_row + start + cols, start + cols < read_end, other, softcap, ACC, CAP)
+                u = tl.load(u_row + start + cols, mask=in_block, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
+                block_max, block_sumexp, block_linear, block_nan = _block_statistics(
+                    z_block, in_block, start + cols == y_local, u, KIND)
+                row_max, sumexp = _merge_sumexp(row_max, sumexp, block_max, block_sumexp)
+                linear += block_linear
+                has_nan = tl.maximum(has_nan, block_nan)
+
+    if PHASE == STATS:
+        # The layout processes exchange: the MSE's Σ z² travels in the sum-exp slot.
+        stats = stats_ptr + row * STATS_FIELDS
+        zero = tl.zeros([], ACC)
+        tl.store(stats, tl.where(keep, row_max, zero))
+        tl.store(stats + 1, tl.where(keep, linear if KIND == RESCALED_MSE else sumexp, zero))
+        tl.store(stats + 2, tl.where(keep, target_logit, zero))
+        tl.store(stats + 3, tl.where(keep, zero if KIND == RESCALED_MSE else linear, zero))
+        tl.store(stats + 4, tl.where(keep, has_nan, zero))
+    else:
+        loss, a, c, grad_target, lse = _row_result(row_max, sumexp, linear, has_nan, target_logit, w_y, alpha_y,
+                                                   class_weight_sum, total_classes, valid, smoothing, gamma, kappa,
+                                                   beta, z_loss, KIND)
+        if ONE_SWEEP and PHASE == FUSED:
+            g = _gradient_block(z, cols == y_local, col_weight, row_max, scale * a, scale * c, scale * grad_target,
+                                keep, softcap, KIND, CAP)
+            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+        else:
+            # The gradient sweep, block by block, recomputing exp(z - max).
+            for start in range(0, K, BLOCK):
+                in_block = start + cols < K
+                z_block = _load_logits(z_row + start + cols, start + cols < read_end, other, softcap, ACC, CAP)
+                u = tl.load(u_row + start + cols, mask=in_block, other=0.0).to(ACC) if COLUMN_WEIGHTS else 1.0
+                g = _gradient_block(z_block, start + cols == y_local, u, row_max, scale * a, scale * c,
+                                    scale * grad_target, keep, softcap, KIND, CAP)
+                tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=in_block)
+        tl.store(row_loss_ptr + row, tl.where(keep, loss, 0.0))
+        if WRITE_LSE:
+            tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _launch(phase, logits, target, weight, alpha, grad, stats, lse, kind, params, ignore_index, mean, vocab_start,
+            total_classes):
+    num_rows, num_classes = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    device = logits.device
+    row_loss = torch.empty(num_rows, dtype=acc, device=device)
+    counted = (target != ignore_index) & (target >= 0) & (target < total_classes)
+    if weight is not None:
+        weight = weight.detach().to(device, acc).contiguous()
+        row_weight = torch.where(counted, weight[target.clamp(0, total_classes - 1)], 0.0)
+        sums = torch.stack([row_weight.sum(), weight.sum()])
+    else:
+        sums = torch.stack([counted.sum().to(acc), torch.zeros((), dtype=acc, device=device)])
+    if alpha is not None:
+        alpha = alpha.detach().to(device, acc).contiguous()
+    if num_rows == 0:
+        return row_loss, sums[0]
+    # fp64 rows take twice the registers: half the columns fit (sm_90 spills beyond).
+    block = min(triton.next_power_of_2(num_classes), MAX_BLOCK // (2 if acc == torch.float64 else 1))
+    grad = logits if grad is None else grad  # the statistics phase writes no gradient
+    softcap = float(params.get("softcap", 0.0))
+    _loss_kernel[(num_rows,)](
+        logits, logits.stride(0), target, target.stride(0),
+        sums if weight is None else weight, sums if alpha is None else alpha, sums, sums if stats is None else stats,
+        grad, grad.stride(0), row_loss, row_loss if lse is None else lse, num_classes, total_classes, vocab_start,
+        ignore_index,
+        float(params["label_smoothing"]), float(params["gamma"]), float(params["kappa"]), float(params["beta"]),
+        float(params.get("lse_square_scale", 0.0)), softcap,
+        PHASE=phase, KIND=kind, HAS_WEIGHT=weight is not None, HAS_ALPHA=alpha is not None,
+        COLUMN_WEIGHTS=weight is not None and kind == CROSS_ENTROPY and params["label_smoothing"] > 0,
+        MEAN=bool(mean), CAP=softcap > 0, WRITE_LSE=lse is not None,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, ONE_SWEEP=block >= num_classes,
+    )
+    return row_loss, sums[0]
+
+
+def loss_forward(logits, target, weight, alpha, grad, kind, params, ignore_index, mean, lse=None):
+    """Fills ``grad`` (N, K) with w_{y_i}·∂ℓ_i/∂z_i (divided by Σw when ``mean``) and returns
+    ``(row_loss, total_weight)``: row_loss (N,) w_{y_i}·ℓ_i in fp32 (fp64 for fp64 logits) and
+    total_weight the 0-d Σ_i w_{y_i} over the counted rows, both on the logits' device (no host
+    sync). ``lse``, when given, an (N,) tensor of row_loss's dtype, receives each row's
+    log-sum-exp (0 for ignored rows and for the MSE).
+
+    logits (N, K) with unit column stride, any row stride; target (N,) int64; weight, alpha
+    (K,) or None; grad (N, K) with unit column stride, may be ``logits`` itself; kind 0/1/2 =
+    cross-entropy / focal / rescaled MSE; params: label_smoothing, gamma, kappa, beta and, optional
+    (0: off), lse_square_scale (the z-loss λ) and softcap.
+    """
+    return _launch(FUSED, logits, target, weight, alpha, grad, None, lse, kind, params, ignore_index, mean, 0,
+                   logits.shape[1])
+
+
+def row_stats(logits, target, weight, kind, params, ignore_index, vocab_start, total_classes):
+    """Vocabulary parallelism, phase 1: the statistics of this process's slice of the classes.
+
+    logits (N, K_r) hold global columns [vocab_start, vocab_start + K_r) of total_classes;
+    weight (total_classes,) or None. Returns stats (N, 5): max, Σ exp(z - max) (MSE:
+    Σ_{j≠y} z_j²), z_y (0 off this slice), Σ_j w_j z_j, NaN flag; zeros for ignored rows. The
+    caller combines them over processes: the max by max, the rest by sums (sum-exps rescaled to
+    the global max first)."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    stats = torch.empty(logits.shape[0], STATS_FIELDS.value, dtype=acc, device=logits.device)
+    _launch(STATS, logits, target, weight, None, None, stats, None, kind, params, ignore_index, False, vocab_start,
+            total_classes)
+    return stats
+
+
+def loss_from_stats(logits, target, stats, weight, alpha, grad, kind, params, ignore_index, mean, vocab_start,
+                    total_classes, lse=None):
+    """Vocabulary parallelism, phase 2: as :func:`loss_forward` for this slice of the classes,
+    from the combined ``stats`` of :func:`row_stats` (one read of the slice). Every process gets
+    the whole row's loss, lse and Σw."""
+    return _launch(FROM_STATS, logits, target, weight, alpha, grad, stats, lse, kind, params, ignore_index, mean,
+                   vocab_start, total_classes)
