@@ -157,7 +157,15 @@ def _vocab_parallel_forward(logits, target, weight, grad, lse, loss, params, ign
                            _backend.cpu_buffer(grad), rows.numpy(), lse.numpy(), gamma=params["gamma"],
                            kappa=params["kappa"], beta=params["beta"], z_loss=params["lse_square_scale"], alpha=None,
                            mean=reduction == "mean", total_weight=float(total), **common)
-    elif backend == "torch":
+    elif backend == "triton":
+        from .triton_kernels import losses as kernels
+
+        kind = LOSSES.index(loss)
+        stats = kernels.row_stats(logits, target, weight, kind, params, ignore_index, start, total_classes)
+        _combine_row_stats(stats, loss, group)
+        rows, _ = kernels.loss_from_stats(logits, target, stats, weight, None, grad, kind, params, ignore_index,
+                                          reduction == "mean", start, total_classes, lse)
+    else:
         pieces = [torch.empty_like(logits) for _ in range(world)]
         dist.all_gather(pieces, logits, group=group)
         z = torch.cat(pieces, dim=1).to(_accumulation_dtype(logits.dtype))
@@ -165,8 +173,6 @@ def _vocab_parallel_forward(logits, target, weight, grad, lse, loss, params, ign
         g = g[:, start:start + num_local]
         grad.copy_(g / total if reduction == "mean" else g)
         lse.copy_(row_lse)
-    else:
-        raise ValueError(f"process_group: supported by the cpp and torch backends, not {backend!r}")
     return _reduce(rows, total, reduction, logits.dtype)
 
 
@@ -463,7 +469,7 @@ def cross_entropy(
         process_group: a ``torch.distributed`` group across which the classes are split: each
             rank passes its (N, K/world) slice of the logits, rank r holding columns
             [r·K/world, (r+1)·K/world); targets and ``weight`` are global. Every rank gets the
-            loss of the full rows and the gradient of its slice (CPU: "cpp" or "torch" backend).
+            loss of the full rows and the gradient of its slice.
 
     Returns: the loss, in the logits' dtype (and the lse with ``return_lse``). A row with NaN or
     +inf among its logits has loss and gradient NaN (as torch); −inf logits are masked classes.

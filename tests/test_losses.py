@@ -429,10 +429,9 @@ def test_cpp_kernel_checks_targets_itself():
 
 
 # ---------------------------------------------------------------------------- cross-entropy extras
-CPU_BACKENDS = [b for b in BACKENDS if b != "triton"]  # z-loss, softcap: not in the Triton kernel yet
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("extras", [dict(lse_square_scale=1e-2), dict(softcap=2.5),
@@ -459,7 +458,7 @@ def test_z_loss_and_softcap(backend, dtype, reduction, extras):
     close(inplace_grad, expected_grad, dtype)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_return_lse(backend):
     logits, target = make_inputs(7, 50, torch.float32, ignore=True)
     with ncfast.use_backend(backend):
@@ -492,7 +491,7 @@ def _vocab_parallel_worker(rank, world, port, backend, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vocab_parallel_matches_single_process(backend):
     import socket
 
