@@ -10,9 +10,12 @@ Chan et al.'s pairwise update::
 where M_W^batch is the batch's scatter around its *own* class means. The raw-moment form
 E[hhᵀ] − Σ n_k μ_k μ_kᵀ/N is never formed: when NC1 ≪ 1 its two terms cancel to the last digit.
 
-Per batch the work is one fused kernel (per-class counts and float64 sums, then the features
-centred on the batch class means, written in float32 — float64 for float64 features) and one
-Gram ``Cᵀ C`` (BLAS on CPU, cuBLAS with TF32 off on CUDA); Chan's correction costs K·d².
+Per batch the work is one fused kernel (per-class counts and float64 sums, and the features
+centred on class means, written in float32 — float64 for float64 features) and one Gram
+``Cᵀ C`` (BLAS on CPU, cuBLAS with TF32 off on CUDA); Chan's correction is the Gram of K more
+rows (K·d² flops). On CPU, once every class of a batch has been seen, the kernel centres on
+the running means and reads the batch once; the correction rows of many such batches are
+then subtracted together in one Gram (see ``csrc/ncstats.cpp``).
 :class:`NCSecondPass` streams the same data again with the finished means for the metrics that
 need them (NCC mismatch, cosine margins, numerical rank). :func:`nc_metrics` does both at once.
 
