@@ -266,7 +266,11 @@ def _nc1(within_scatter: Tensor, num_samples: float, mbar: Tensor, per_class: bo
     float64: eigenvalue s_i²/K above max(d, d)·eps times the largest. Σ_B is never formed, so
     its null space (rank ≤ K−1 ≪ d) never produces spurious tiny eigenvalues to invert."""
     d, K = mbar.shape
-    u, s, _ = torch.linalg.svd(mbar, full_matrices=False)
+    # Thin QR first, then the SVD of the small triangle: the same U S, without a d×K SVD
+    # (LAPACK's is slow and erratic under thread contention).
+    q, r = torch.linalg.qr(mbar)
+    u_r, s, _ = torch.linalg.svd(r)
+    u = q @ u_r
     tolerance = d * torch.finfo(torch.float64).eps * float(s.max()) ** 2
     keep = s * s > tolerance
     u, s = u[:, keep], s[keep]
@@ -499,7 +503,8 @@ class NCStats:
         values["equiangularity_means"] = float(cos.std())
         values["max_angle_means"] = float((cos + 1.0 / (K - 1)).abs().mean())
         class_var = self.class_sq / n
-        distance_sq = torch.cdist(self.means, self.means).square()
+        gram = centred_means @ centred_means.T
+        distance_sq = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
         off = ~torch.eye(K, dtype=torch.bool, device=self.device)
         values["cdnv"] = float(((class_var[:, None] + class_var[None, :]) / (2 * distance_sq))[off].mean())
         w, b = _check_classifier(weight, bias, K, self.dim, self.device)
