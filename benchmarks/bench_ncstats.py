@@ -30,12 +30,24 @@ def bare_gram(batches, dim):
 
 
 def per_class_loop(batches, num_classes):
-    """The seed authors' pattern: for each class select its rows, then its mean and covariance."""
+    """The pattern of the seed authors' evaluation code: one pass for the class means, a second
+    for the within-class scatter, each looping over the classes of every batch and summing the
+    per-sample outer products (n_k, d, d) of the centred rows, in the features' float32."""
+    dim = batches[0][0].shape[1]
+    sums = torch.zeros(num_classes, dim)
+    counts = torch.zeros(num_classes)
     for features, target in batches:
         for k in range(num_classes):
-            rows = features[target == k].double()
-            centred = rows - rows.mean(0)
-            centred.T @ centred
+            rows = features[target == k]
+            sums[k] += rows.sum(0)
+            counts[k] += rows.shape[0]
+    means = sums / counts[:, None]
+    scatter = torch.zeros(dim, dim)
+    for features, target in batches:
+        for k in range(num_classes):
+            z = features[target == k] - means[k]
+            scatter += torch.matmul(z[:, :, None], z[:, None, :]).sum(0)
+    return scatter
 
 
 class NCStatsUpdate:

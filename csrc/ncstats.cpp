@@ -1,23 +1,25 @@
 // The batch kernels of the streaming NC statistics (SPEC §3).
 //
-// ncstats_batch: per-class counts and float64 means of a batch, its rows centred, and K more
-// rows R such that Gram(rows) ± RᵀR is the batch scatter plus Chan's correction
+// ncstats_batch: per-class counts and float64 means of a batch, its rows C centred, and K
+// rows R such that CᵀC ± RᵀR is the batch scatter plus Chan's correction
 // (M_W^batch + Σ_k n_k^a n_k^b/(n_k^a+n_k^b) δ_k δ_kᵀ, δ_k = ν_k − μ_k). Two ways, one per batch:
 //
 // * one pass (every class of the batch already has running statistics): rows are centred on
-//   the running means μ_k, known before the batch, so the batch is read once. Their Gram is
-//   M_W^batch + Σ n_k^b δδᵀ; the K rows √((n^b)²/(n^a+n^b)) δ_k are SUBTRACTED (sign −1).
-//   In fp32 this loses nothing: μ_k is within the class spread of ν_k, so the rows stay small.
+//   the running means μ_k, known before the batch, so the batch is read once. CᵀC is
+//   M_W^batch + Σ n_k^b δδᵀ; R = √((n^b)²/(n^a+n^b)) δ_k is SUBTRACTED (sign −1). In fp32
+//   this loses nothing: μ_k is within the class spread of ν_k, so the rows stay small. The
+//   caller may collect the R of many batches and subtract them in one Gram.
 // * two passes (some class is new): class sums first, rows centred on the batch means ν_k,
-//   and the K rows √(n^a n^b/(n^a+n^b)) δ_k are appended and ADDED (sign +1): one Gram.
+//   and R = √(n^a n^b/(n^a+n^b)) δ_k is ADDED (sign +1).
 //
 // ncstats_fold then merges counts, means and the Gram into the float64 state
 // (single-threaded: K·d + d² work, too small to split).
 //
 // The batch work is split by blocks of columns, not rows: each thread owns whole columns, so
 // the per-class sums need no cross-thread reduction and are bit-identical for any thread
-// count; each thread still streams through the rows in order. Rows are written in float32 (float64 for float64 input); the per-class squared
-// distances Σ_{i∈k} ‖h_i − ν_k‖² (for the CDNV) come along.
+// count; each thread still streams through the rows in order. Rows are written in float32
+// (float64 for float64 input); the per-class squared distances Σ_{i∈k} ‖h_i − ν_k‖² (for the
+// CDNV) come along.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -39,8 +41,10 @@ struct BatchArgs {
   const double* state_counts;  // (K,) running counts n_k^a
   const double* state_means;   // (K, d) running means μ_k
   double* means;               // (K, d) rows contiguous
-  C* centred;                  // (N + K, d)
+  C* centred;                  // (N, d)
   int64_t centred_stride;
+  C* correction;  // (K, d): Chan's correction rows R
+  int64_t correction_stride;
   double* block_sq;  // (blocks, K): block b's share of Σ_{i∈k} ‖h_i − ν_k‖²
   int64_t rows, dim, classes;
   bool one_pass;  // centre on the running means (every class of the batch seen before)
@@ -123,7 +127,7 @@ NCFAST_INLINE void moments_blocks(const BatchArgs<T, C>& a, int64_t b0, int64_t 
       const double scale = na > 0 && nb > 0 ? std::sqrt(na * nb / (na + nb)) : 0.0;
       const double* m = a.means + k * d;
       const double* mu = a.state_means + k * d;
-      C* c = a.centred + (a.rows + k) * a.centred_stride;
+      C* c = a.correction + k * a.correction_stride;
 #pragma omp simd
       for (int64_t j = c0; j < c1; ++j) c[j] = static_cast<C>(scale * (m[j] - mu[j]));
     }
@@ -136,7 +140,7 @@ NCFAST_INLINE void moments_blocks(const BatchArgs<T, C>& a, int64_t b0, int64_t 
     const double na = a.state_counts[k], nb = a.counts[k];
     double* m = a.means + k * d;
     const double* mu = a.state_means + k * d;
-    C* c = a.centred + (a.rows + k) * a.centred_stride;
+    C* c = a.correction + k * a.correction_stride;
     const double scale = nb > 0 ? nb / std::sqrt(na + nb) : 0.0, inv = nb > 0 ? 1.0 / nb : 0.0;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t j0 = b * kColumnBlock, j1 = std::min(j0 + kColumnBlock, d);
@@ -161,20 +165,24 @@ NCFAST_CLONES void moments_f16(const BatchArgs<f16, float>& a, int64_t b, int64_
 
 template <typename T, typename C>
 void run_moments(const View& features, const View& target, const double* counts, const double* state_counts,
-                 const double* state_means, double* means, const View& centred, double* class_sq, int64_t classes,
+                 const double* state_means, double* means, const View& centred, const View& correction,
+                 double* class_sq, int64_t classes,
                  int num_threads, bool one_pass,
                  void (*blocks_fn)(const BatchArgs<T, C>&, int64_t, int64_t)) {
   const int64_t blocks = (features.cols + kColumnBlock - 1) / kColumnBlock;
   std::vector<double> block_sq(static_cast<size_t>(blocks * classes));
   BatchArgs<T, C> a{static_cast<const T*>(features.data), features.row_stride,
                     static_cast<const int64_t*>(target.data), target.row_stride, counts, state_counts, state_means, means,
-                    static_cast<C*>(centred.data), centred.row_stride, block_sq.data(),
+                    static_cast<C*>(centred.data), centred.row_stride,
+                    static_cast<C*>(correction.data), correction.row_stride, block_sq.data(),
                     features.rows, features.cols, classes, one_pass};
   bool finite = true;
   {
     py::gil_scoped_release release;
-    // Below ~256K values a thread costs more than it saves.
-    const int64_t work_threads = std::max<int64_t>(1, (features.rows * features.cols) / 262144);
+    // The pass is bound by memory traffic, which one core nearly saturates: a second thread
+    // only pays off from ~4M values (16 MB of fp32) per thread, and on a busy machine a
+    // parallel region waits for its slowest thread.
+    const int64_t work_threads = std::max<int64_t>(1, (features.rows * features.cols) >> 22);
     const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, blocks}));
 #pragma omp parallel num_threads(threads)
     {
@@ -209,16 +217,17 @@ double* state_of(const py::buffer& buffer, const char* name, int ndim, int64_t r
 }
 
 // ncstats_batch(features, target, dtype, state_counts, state_means, counts, means, centred,
-//               class_sq, num_threads)
+//               correction, class_sq, num_threads)
 // features: (N, d) rows contiguous, float32/float64/bfloat16 (as int16)/float16; target: (N,)
 // int64 in [0, K); state_counts (K,), state_means (K, d): the running state (read only).
-// Writes counts (K,), means (K, d) and class_sq (K,) of the batch in float64, and centred
-// (N + K, d) in float32 (float64 for float64 features): N centred rows, then K rows R.
-// Returns the sign s of RᵀR: M_W^batch + Chan's correction = Gram(first N rows) + s·RᵀR.
+// Writes counts (K,), means (K, d) and class_sq (K,) of the batch in float64, and in float32
+// (float64 for float64 features) the centred rows C (N, d) and Chan's rows R (K, d).
+// Returns the sign s: M_W^batch + Chan's correction = CᵀC + s·RᵀR.
 // Raises ValueError for a target out of range or a non-finite feature.
 int ncstats_batch(const py::buffer& features_buf, const py::buffer& target_buf, const std::string& dtype,
                    const py::buffer& state_counts_buf, const py::buffer& state_means_buf, const py::buffer& counts_buf,
-                   const py::buffer& means_buf, const py::buffer& centred_buf, const py::buffer& class_sq_buf,
+                   const py::buffer& means_buf, const py::buffer& centred_buf, const py::buffer& correction_buf,
+                   const py::buffer& class_sq_buf,
                    int num_threads) {
   const size_t itemsize = dtype == "float64" ? 8 : dtype == "float32" ? 4 : (dtype == "bfloat16" || dtype == "float16") ? 2 : 0;
   if (itemsize == 0) throw py::type_error("features: unsupported dtype " + dtype);
@@ -226,6 +235,7 @@ int ncstats_batch(const py::buffer& features_buf, const py::buffer& target_buf, 
   View target = view_of(target_buf, "target", 1, sizeof(int64_t), false);
   View counts_view = view_of(counts_buf, "counts", 1, sizeof(double), true);
   View centred = view_of(centred_buf, "centred", 2, dtype == "float64" ? 8 : 4, true);
+  View correction = view_of(correction_buf, "correction", 2, dtype == "float64" ? 8 : 4, true);
   const int64_t N = features.rows, d = features.cols, K = counts_view.rows;
   if (K < 1) throw py::value_error("counts: expected at least one class");
   double* counts = state_of(counts_buf, "counts", 1, K, 1, true);
@@ -234,7 +244,8 @@ int ncstats_batch(const py::buffer& features_buf, const py::buffer& target_buf, 
   const double* state_counts = state_of(state_counts_buf, "state_counts", 1, K, 1, false);
   const double* state_means = state_of(state_means_buf, "state_means", 2, K, d, false);
   if (target.rows != N) throw py::value_error("target: length differs from features' rows");
-  if (centred.rows != N + K || centred.cols != d) throw py::value_error("centred: expected shape (N + K, d)");
+  if (centred.rows != N || centred.cols != d) throw py::value_error("centred: expected shape (N, d)");
+  if (correction.rows != K || correction.cols != d) throw py::value_error("correction: expected shape (K, d)");
 
   // Validate every class index before any is used as an offset.
   std::fill(counts, counts + K, 0.0);
@@ -250,16 +261,16 @@ int ncstats_batch(const py::buffer& features_buf, const py::buffer& target_buf, 
   bool one_pass = true;
   for (int64_t k = 0; k < K; ++k) one_pass &= counts[k] == 0 || state_counts[k] > 0;
   if (dtype == "float32")
-    run_moments<float, float>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
+    run_moments<float, float>(features, target, counts, state_counts, state_means, means, centred, correction, class_sq, K,
                               num_threads, one_pass, moments_f32);
   else if (dtype == "float64")
-    run_moments<double, double>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
+    run_moments<double, double>(features, target, counts, state_counts, state_means, means, centred, correction, class_sq, K,
                                 num_threads, one_pass, moments_f64);
   else if (dtype == "bfloat16")
-    run_moments<bf16, float>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
+    run_moments<bf16, float>(features, target, counts, state_counts, state_means, means, centred, correction, class_sq, K,
                              num_threads, one_pass, moments_bf16);
   else
-    run_moments<f16, float>(features, target, counts, state_counts, state_means, means, centred, class_sq, K,
+    run_moments<f16, float>(features, target, counts, state_counts, state_means, means, centred, correction, class_sq, K,
                             num_threads, one_pass, moments_f16);
   return one_pass ? -1 : 1;
 }
@@ -318,7 +329,7 @@ void ncstats_fold(const py::buffer& state_counts_buf, const py::buffer& state_me
 void register_ncstats(py::module_& m) {
   m.def("ncstats_batch", &ncstats_batch, py::arg("features"), py::arg("target"), py::arg("dtype"),
         py::arg("state_counts"), py::arg("state_means"), py::arg("counts"), py::arg("means"), py::arg("centred"),
-        py::arg("class_sq"), py::arg("num_threads"),
+        py::arg("correction"), py::arg("class_sq"), py::arg("num_threads"),
         "Per-class counts and float64 means of a batch, its centred rows followed by Chan's correction rows R, "
         "and the per-class sums of squared distances to the mean; returns the sign of R^T R in the scatter.");
   m.def("ncstats_fold", &ncstats_fold, py::arg("state_counts"), py::arg("state_means"), py::arg("state_class_sq"),

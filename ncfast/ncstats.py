@@ -10,9 +10,12 @@ Chan et al.'s pairwise update::
 where M_W^batch is the batch's scatter around its *own* class means. The raw-moment form
 E[hhᵀ] − Σ n_k μ_k μ_kᵀ/N is never formed: when NC1 ≪ 1 its two terms cancel to the last digit.
 
-Per batch the work is one fused kernel (per-class counts and float64 sums, then the features
-centred on the batch class means, written in float32 — float64 for float64 features) and one
-Gram ``Cᵀ C`` (BLAS on CPU, cuBLAS with TF32 off on CUDA); Chan's correction costs K·d².
+Per batch the work is one fused kernel (per-class counts and float64 sums, and the features
+centred on class means, written in float32 — float64 for float64 features) and one Gram
+``Cᵀ C`` (BLAS on CPU, cuBLAS with TF32 off on CUDA); Chan's correction is the Gram of K more
+rows (K·d² flops). On CPU, once every class of a batch has been seen, the kernel centres on
+the running means and reads the batch once; the correction rows of many such batches are
+then subtracted together in one Gram (see ``csrc/ncstats.cpp``).
 :class:`NCSecondPass` streams the same data again with the finished means for the metrics that
 need them (NCC mismatch, cosine margins, numerical rank). :func:`nc_metrics` does both at once.
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import sys
 from typing import Optional
 
@@ -40,12 +42,12 @@ DEFAULT_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
-# backends: (features (N, d), target (N,) int64, stats, workspace (N+K, d)) -> batch
-# (counts, means, class_sq) in float64 and a sign s; workspace gets N centred rows C and K rows
-# R with Cᵀ C + s RᵀR = the batch scatter plus Chan's correction. The torch and Triton
-# backends centre on the batch means ν_k and append R = _chan_rows (s = +1: one Gram of N+K
-# rows); the C++ one may instead centre on the running means μ_k in a single read of the batch
-# (s = −1, see csrc/ncstats.cpp).
+# backends: (features (N, d), target (N,) int64, stats, centred (N, d), correction (K, d)) ->
+# the batch's (counts, means, class_sq) in float64 and a sign s. They fill ``centred`` (C) and
+# ``correction`` (R) so that CᵀC + s·RᵀR is the batch scatter plus Chan's correction. The
+# torch and Triton backends centre on the batch means ν_k and R = _chan_rows (s = +1); the C++
+# one centres on the running means μ_k when it can, reading the batch once (s = −1, see
+# csrc/ncstats.cpp).
 # --------------------------------------------------------------------------------------------
 def _gram_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -59,7 +61,7 @@ def _chan_rows(counts_a: Tensor, means_a: Tensor, counts_b: Tensor, means_b: Ten
     return pair.sqrt()[:, None] * (means_b - means_a)
 
 
-def _cpp_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
+def _cpp_batch(features: Tensor, target: Tensor, stats: "NCStats", centred: Tensor, correction: Tensor):
     from . import _C
 
     K, d = stats.num_classes, stats.dim
@@ -68,28 +70,26 @@ def _cpp_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Te
     class_sq = torch.empty(K, dtype=torch.float64)
     sign = _C.ncstats_batch(
         _backend.cpu_buffer(features), _backend.cpu_buffer(target), str(features.dtype).removeprefix("torch."),
-        stats.counts.numpy(), stats.means.numpy(), counts.numpy(), means.numpy(), workspace.numpy(),
-        class_sq.numpy(), torch.get_num_threads(),
+        stats.counts.numpy(), stats.means.numpy(), counts.numpy(), means.numpy(), centred.numpy(),
+        correction.numpy(), class_sq.numpy(), torch.get_num_threads(),
     )
     return counts, means, class_sq, sign
 
 
-def _triton_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
+def _triton_batch(features: Tensor, target: Tensor, stats: "NCStats", centred: Tensor, correction: Tensor):
     from .triton_kernels import ncstats as kernels
 
-    N = features.shape[0]
-    counts, means, class_sq = kernels.batch_moments(features, target, stats.num_classes, workspace[:N])
+    counts, means, class_sq = kernels.batch_moments(features, target, stats.num_classes, centred)
     _check_finite(means)
-    workspace[N:] = _chan_rows(stats.counts, stats.means, counts, means)
+    correction.copy_(_chan_rows(stats.counts, stats.means, counts, means))
     return counts, means, class_sq, 1
 
 
-def _torch_batch(features: Tensor, target: Tensor, stats: "NCStats", workspace: Tensor):
-    N = features.shape[0]
-    counts, means, centred, class_sq = reference.batch_moments(features, target, stats.num_classes)
+def _torch_batch(features: Tensor, target: Tensor, stats: "NCStats", centred: Tensor, correction: Tensor):
+    counts, means, c, class_sq = reference.batch_moments(features, target, stats.num_classes)
     _check_finite(means)
-    workspace[:N] = centred
-    workspace[N:] = _chan_rows(stats.counts, stats.means, counts, means)
+    centred.copy_(c)
+    correction.copy_(_chan_rows(stats.counts, stats.means, counts, means))
     return counts, means, class_sq, 1
 
 
@@ -265,7 +265,11 @@ def _nc1(within_scatter: Tensor, num_samples: float, mbar: Tensor, per_class: bo
     float64: eigenvalue s_i²/K above max(d, d)·eps times the largest. Σ_B is never formed, so
     its null space (rank ≤ K−1 ≪ d) never produces spurious tiny eigenvalues to invert."""
     d, K = mbar.shape
-    u, s, _ = torch.linalg.svd(mbar, full_matrices=False)
+    # Thin QR first, then the SVD of the small triangle: the same U S, without a d×K SVD
+    # (LAPACK's is slow and erratic under thread contention).
+    q, r = torch.linalg.qr(mbar)
+    u_r, s, _ = torch.linalg.svd(r)
+    u = q @ u_r
     tolerance = d * torch.finfo(torch.float64).eps * float(s.max()) ** 2
     keep = s * s > tolerance
     u, s = u[:, keep], s[keep]
@@ -296,16 +300,49 @@ class NCStats:
         f64 = dict(dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(num_classes, **f64)
         self.means = torch.zeros(num_classes, dim, **f64)
-        self.within_scatter = torch.zeros(dim, dim, **f64)
+        self._within_scatter = torch.zeros(dim, dim, **f64)
+        self._pending: Optional[Tensor] = None  # correction rows still to subtract from M_W
+        self._pending_rows = 0
         self.class_sq = torch.zeros(num_classes, **f64)
         self._workspace: Optional[Tensor] = None  # centred-features buffer, reused across batches
 
-    def _workspace_rows(self, rows: int, dtype: torch.dtype) -> Tensor:
-        # Reusing one buffer saves a large allocation (page faults) per batch.
+    # Subtracted correction rows of many batches wait here and leave in one Gram (≤ 32 MB).
+    _PENDING_BYTES = 1 << 25
+
+    def _buffers(self, rows: int, dtype: torch.dtype, collect: bool):
+        """(centred (rows, d), correction (K, d)): views of buffers reused across batches
+        (a fresh 16 MB allocation per batch costs page faults). ``collect``: room for the
+        correction rows of many batches (only the C++ backend subtracts them)."""
         need = rows * self.dim
         if self._workspace is None or self._workspace.dtype != dtype or self._workspace.numel() < need:
             self._workspace = torch.empty(need, dtype=dtype, device=self.device)
-        return self._workspace[:need].view(rows, self.dim)
+        if self._pending is None or self._pending.dtype != dtype or (collect and self._pending.shape[0] == self.num_classes):
+            self._flush()
+            capacity = max(1, self._PENDING_BYTES // (self.num_classes * self.dim * dtype.itemsize)) if collect else 1
+            self._pending = torch.empty(capacity * self.num_classes, self.dim, dtype=dtype, device=self.device)
+        if self._pending_rows + self.num_classes > self._pending.shape[0]:
+            self._flush()
+        slot = self._pending[self._pending_rows:self._pending_rows + self.num_classes]
+        return self._workspace[:need].view(rows, self.dim), slot
+
+    def _flush(self) -> None:
+        """Subtracts the pending correction rows R: M_W −= RᵀR (one Gram)."""
+        if self._pending_rows:
+            rows = self._pending[:self._pending_rows]
+            with _ieee_fp32_matmul(self.device):
+                self._within_scatter.sub_(rows.T @ rows)
+            self._pending_rows = 0
+
+    @property
+    def within_scatter(self) -> Tensor:
+        """M_W (d, d) float64 = Σ_i (h_i − μ_{y_i})(h_i − μ_{y_i})ᵀ."""
+        self._flush()
+        return self._within_scatter
+
+    @within_scatter.setter
+    def within_scatter(self, value: Tensor) -> None:
+        self._pending_rows = 0
+        self._within_scatter = value
 
     @torch.no_grad()
     def update(self, features: Tensor, target: Tensor) -> "NCStats":
@@ -313,29 +350,29 @@ class NCStats:
         device, ``target`` (N,) integer classes in [0, K). Any N (0 and 1 included), any class
         mix. Raises ValueError (state unchanged) on bad shapes, targets or non-finite features.
 
-        The batch scatter and Chan's correction come from the Gram of N + K rows in float32
-        (float64 for float64 features): the rows are centred on class means (the batch's or
-        the running ones), so float32 keeps ~7 digits of the *within-class* spread however
-        large the means are."""
+        The batch scatter comes from one Gram CᵀC of the rows centred on class means (the
+        batch's or the running ones) in float32 (float64 for float64 features): float32 keeps
+        ~7 digits of the *within-class* spread however large the means are. Chan's correction
+        adds K rows' Gram (K·d² flops), collected over many batches when it is subtracted."""
         features, target = _check_batch(features, target, self.num_classes, self.dim, self.device)
         if features.shape[0] == 0:
             return self
         backend = _backend.backend_for(features)
         if backend != "cpp":
             _check_target_range(target, self.num_classes)
-        workspace = self._workspace_rows(features.shape[0] + self.num_classes, _gram_dtype(features.dtype))
-        counts, means, class_sq, sign = _BACKEND_BATCH[backend](features, target, self, workspace)
+        centred, correction = self._buffers(features.shape[0], _gram_dtype(features.dtype), backend == "cpp")
+        counts, means, class_sq, sign = _BACKEND_BATCH[backend](features, target, self, centred, correction)
         with _ieee_fp32_matmul(self.device):
+            gram = centred.T @ centred
             if sign > 0:
-                gram = workspace.T @ workspace
+                gram.addmm_(correction.T, correction)
             else:
-                centred, rows = workspace[: features.shape[0]], workspace[features.shape[0]:]
-                gram = (centred.T @ centred).addmm_(rows.T, rows, alpha=-1)
+                self._pending_rows += self.num_classes
         if backend == "cpp":
             from . import _C
 
             _C.ncstats_fold(self.counts.numpy(), self.means.numpy(), self.class_sq.numpy(),
-                            self.within_scatter.numpy(), counts.numpy(), means.numpy(), class_sq.numpy(),
+                            self._within_scatter.numpy(), counts.numpy(), means.numpy(), class_sq.numpy(),
                             gram.numpy())
         else:
             self._fold(counts, means, class_sq, gram)
@@ -465,7 +502,8 @@ class NCStats:
         values["equiangularity_means"] = float(cos.std())
         values["max_angle_means"] = float((cos + 1.0 / (K - 1)).abs().mean())
         class_var = self.class_sq / n
-        distance_sq = torch.cdist(self.means, self.means).square()
+        gram = centred_means @ centred_means.T
+        distance_sq = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
         off = ~torch.eye(K, dtype=torch.bool, device=self.device)
         values["cdnv"] = float(((class_var[:, None] + class_var[None, :]) / (2 * distance_sq))[off].mean())
         w, b = _check_classifier(weight, bias, K, self.dim, self.device)

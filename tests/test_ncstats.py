@@ -132,20 +132,35 @@ def test_backends_agree_and_state_is_float64():
 
 
 def test_deterministic_and_thread_count_independent():
-    features, target, _, _ = collapsed(10, 200, 2000, spread=0.1)
+    # 8.5M values: enough for the C++ kernel to use two threads.
+    features, target, _, _ = collapsed(10, 520, 16400, spread=0.1)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = stream(features, target, 500, 10)
+        single = stream(features, target, 16400, 10)
         torch.set_num_threads(max(threads, 2))
-        multi = stream(features, target, 500, 10)
-        again = stream(features, target, 500, 10)
+        multi = stream(features, target, 16400, 10)
+        again = stream(features, target, 16400, 10)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(multi.within_scatter, again.within_scatter)
     # The batch kernel owns whole columns per thread: identical sums for any thread count.
     assert torch.equal(single.means, multi.means)
     assert torch.equal(single.class_sq, multi.class_sq)
+
+
+def test_collected_corrections_flush_anywhere(monkeypatch):
+    # The subtracted Chan rows wait in a buffer; flushing after every batch or once at the end
+    # gives the same scatter, and reading the state in between flushes first.
+    features, target, _, _ = collapsed(6, 30, 1200, spread=0.01, dtype=torch.float64)
+    late = stream(features, target, 100, 6)
+    assert late._pending_rows > 0
+    monkeypatch.setattr(NCStats, "_PENDING_BYTES", 1)
+    early = stream(features, target, 100, 6)
+    assert early._pending_rows <= 6
+    norm = torch.linalg.matrix_norm
+    assert norm(late.within_scatter - early.within_scatter) <= 1e-12 * norm(early.within_scatter)
+    assert late._pending_rows == 0
 
 
 # --------------------------------------------------------------------------------------------
