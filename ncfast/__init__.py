@@ -1,6 +1,7 @@
 """ncfast: fused losses and streaming neural-collapse metrics for classification training."""
 
 from ._backend import available_backends, use_backend
+from .linear import linear_cross_entropy, linear_focal_loss, linear_rescaled_mse
 from .losses import (
     CrossEntropyLoss,
     FocalLoss,
@@ -19,6 +20,9 @@ __all__ = [
     "available_backends",
     "cross_entropy",
     "focal_loss",
+    "linear_cross_entropy",
+    "linear_focal_loss",
+    "linear_rescaled_mse",
     "rescaled_mse",
     "use_backend",
 ]
