@@ -11,7 +11,7 @@ Layers, top to bottom:
 * backend dispatch to the C++ kernel (CPU), the Triton kernel (CUDA) or the torch reference.
 
 The backward pass only scales the stored gradient by the incoming gradient (a scalar for
-"mean"/"sum", one factor per row for "none").
+"mean"/"sum", one factor per row for "none"), and skips even that for ``loss.backward()``.
 """
 
 from __future__ import annotations
@@ -159,15 +159,19 @@ def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, 
     return logits.new_empty((logits.shape[0],) if reduction == "none" else ())
 
 
-def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
-    """grad · grad_loss, in place when eager (the stored gradient is used once)."""
+def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bool) -> Tensor:
+    """grad · grad_loss. The usual ``loss.backward()`` passes exactly 1: then the stored
+    gradient is returned as it is, with no pass over N×K (checked on CPU only: no host sync on
+    CUDA). Otherwise the product is a new tensor, so that the graph can be run again
+    (``retain_graph``, gradcheck) — except with ``inplace_backward``, which scales in place
+    (a second backward then raises, since the stored gradient's version changed)."""
     factor = grad_loss[:, None] if reduction == "none" else grad_loss
-    if torch.compiler.is_compiling():
-        return grad * factor
-    # The usual `loss.backward()` passes 1: skip a pass over N×K (no host sync on CUDA).
-    if reduction != "none" and grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+    if (reduction != "none" and grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
+            and float(grad_loss) == 1.0):
         return grad
-    return grad.mul_(factor)
+    if inplace and not torch.compiler.is_compiling():
+        return grad.mul_(factor)
+    return grad * factor
 
 
 def _setup_context(ctx, inputs, output):
@@ -178,7 +182,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    return (_scale_gradient(grad, grad_loss, ctx.reduction),) + (None,) * 10
+    return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=False),) + (None,) * 10
 
 
 torch.library.register_autograd("ncfast::fused_loss", _backward, setup_context=_setup_context)
@@ -202,7 +206,7 @@ class _InplaceFusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return (_scale_gradient(grad, grad_loss, ctx.reduction),) + (None,) * 10
+        return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=True),) + (None,) * 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def _check_hyper(name: str, value: float, ok, expected: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     value = float(value)
-    if not (math.isfinite(value) and ok(value)):
+    if not (-math.inf < value < math.inf and ok(value)):  # also rejects NaN
         raise ValueError(f"{name}: expected {expected}, got {value}")
     return value
 
@@ -256,9 +260,11 @@ def _as_rows(logits: Tensor, target: Tensor):
     num_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
     if num_classes == 0:
         raise ValueError("logits: the class dimension is empty (K = 0)")
-    if logits.dim() > 2:
-        logits = logits.movedim(1, -1)
-    return logits.reshape(-1, num_classes), target.reshape(-1).to(torch.int64), expected
+    if logits.dim() == 1:
+        logits = logits[None]
+    elif logits.dim() > 2:
+        logits = logits.movedim(1, -1).reshape(-1, num_classes)
+    return logits, target.reshape(-1).to(torch.int64), expected
 
 
 def _fused(loss, logits, target, weight, alpha, ignore_index, reduction, inplace_backward,
@@ -274,8 +280,9 @@ def _fused(loss, logits, target, weight, alpha, ignore_index, reduction, inplace
     rows_logits, rows_target, sample_shape = _as_rows(logits, target)
     args = (rows_target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction)
     if inplace_backward:
-        if rows_logits.data_ptr() != logits.data_ptr() or rows_logits.stride() != logits.view(rows_logits.shape).stride():
-            raise ValueError("inplace_backward: needs logits whose rows are a view of their storage (N, K)")
+        if logits.dim() > 2:
+            raise ValueError("inplace_backward: supported for logits of shape (N, K) or (K,), "
+                             f"got {tuple(logits.shape)}; move the class dimension last and flatten first")
         value = _InplaceFusedLoss.apply(rows_logits, *args)
     else:
         value, _ = torch.ops.ncfast.fused_loss(rows_logits, *args)
