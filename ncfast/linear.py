@@ -144,6 +144,7 @@ def _setup_context(ctx, inputs, output):
         ctx.has_bias = inputs[2] is not None
         ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3])
     else:
+        ctx.computed = inputs[15:18]
         ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
 
@@ -151,16 +152,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_grads_of_grads):
     if ctx.reduction == "none":
         features, weight, bias, target = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        _, d_features, d_weight, d_bias = torch.ops.ncfast.fused_linear_loss(
-            features, weight, bias, target, *ctx.arguments, grad_loss,
-            needs[0], needs[1], needs[2] and ctx.has_bias,
-        )
+        computed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
+        _, *grads = torch.ops.ncfast.fused_linear_loss(features, weight, bias, target, *ctx.arguments, grad_loss,
+                                                       *computed)
     else:
-        d_features, d_weight, d_bias = (
-            losses._scale_gradient(grad, grad_loss, "sum") if grad.numel() else grad for grad in ctx.saved_tensors
-        )
-    grads = tuple(grad if grad.numel() else None for grad in (d_features, d_weight, d_bias))
+        # A new tensor, not an in-place scaling: the graph may be run again (retain_graph). It
+        # is N·d + K·d elements, nothing next to the GEMMs, so there is no shortcut for 1.
+        computed = ctx.computed
+        grads = [grad * grad_loss for grad in ctx.saved_tensors]
+    grads = tuple(grad if needed else None for grad, needed in zip(grads, computed))
     return grads + (None,) * 15
 
 
