@@ -1,0 +1,145 @@
+"""Acceptance figures of the fused linear + loss on CPU (issue 4): peak memory growth and
+time of ``linear_cross_entropy`` forward + backward against the three GEMMs it needs.
+
+Run as a script (not an asv benchmark: one shape, minutes of runtime)::
+
+    python benchmarks/linear_acceptance.py [--rows 65536 --dim 256 --classes 16384 --repeat 3]
+
+Memory: each measurement runs in a fresh subprocess; growth = VmHWM after the call − VmRSS
+before it (code warmed up at a tiny shape, inputs allocated). Time: min over ``--repeat`` runs, the
+fused call and the GEMMs alternated in the same process so that load from other processes
+hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def _inputs(rows, dim, classes):
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(rows, dim, generator=gen)
+    weight = torch.randn(classes, dim, generator=gen) / dim**0.5
+    bias = torch.zeros(classes)
+    target = torch.randint(0, classes, (rows,), generator=gen)
+    return features, weight, bias, target
+
+
+def _fused(features, weight, bias, target):
+    import ncfast
+
+    leaves = [t.requires_grad_(True) for t in (features, weight, bias)]
+    value = ncfast.linear_cross_entropy(*leaves, target)
+    value.backward()
+    return value
+
+
+def _gemms(features, weight, chunk):
+    """The three GEMMs of the fused call, at the same chunking (no loss kernel, no bias)."""
+    features, weight = features.detach(), weight.detach()
+    buffer = torch.empty(chunk, weight.shape[0])
+    d_features = torch.empty_like(features)
+    d_weight = torch.zeros_like(weight)
+    for start in range(0, features.shape[0], chunk):
+        h = features[start:start + chunk]
+        z = buffer[: h.shape[0]]
+        torch.mm(h, weight.t(), out=z)
+        torch.mm(z, weight, out=d_features[start:start + chunk])
+        d_weight.addmm_(z.t(), h)
+
+
+def _gemms_full(features, weight):
+    """The same three GEMMs at full shape (N, K) logits."""
+    features, weight = features.detach(), weight.detach()
+    logits = features @ weight.t()
+    logits @ weight
+    logits.t() @ features
+
+
+def _warm_up(kind, dim, classes):
+    """Loads the code (MKL kernels, the extension, torch.library dispatch) at a tiny shape so
+    that its pages do not count as the call's memory."""
+    small = _inputs(64, dim, classes)
+    _fused(*small) if kind == "fused" else _gemms_full(small[0], small[1])
+
+
+def _child(kind, rows, dim, classes):
+    _warm_up(kind, dim, classes)
+    features, weight, bias, target = _inputs(rows, dim, classes)
+    before = _status("VmRSS")
+    start = time.perf_counter()
+    if kind == "fused":
+        _fused(features, weight, bias, target)
+    else:
+        _gemms_full(features, weight)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"growth": _status("VmHWM") - before, "seconds": seconds}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=65536)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--classes", type=int, default=16384)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--child", choices=["fused", "gemms_full"])
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.rows, args.dim, args.classes)
+        return
+
+    from ncfast import linear
+
+    shape = ["--rows", str(args.rows), "--dim", str(args.dim), "--classes", str(args.classes)]
+    memory = {}
+    for kind in ("fused", "gemms_full"):
+        out = subprocess.run([sys.executable, __file__, "--child", kind, *shape], check=True,
+                             capture_output=True, text=True).stdout
+        memory[kind] = json.loads(out.splitlines()[-1])
+    logits_bytes = args.rows * args.classes * 4
+    print(f"N={args.rows} d={args.dim} K={args.classes} fp32, threads={torch.get_num_threads()}, "
+          f"full logits would be {logits_bytes / 2**30:.2f} GiB")
+    for kind, m in memory.items():
+        print(f"  peak RSS growth {kind:10s}: {m['growth'] / 2**20:8.1f} MiB  (first call {m['seconds']:.2f} s)")
+
+    features, weight, bias, target = _inputs(args.rows, args.dim, args.classes)
+    chunk = linear.chunk_rows(args.rows, args.classes, torch.float32)
+    for kind in ("fused", "gemms_full"):
+        _warm_up(kind, args.dim, args.classes)
+    times = {"fused": [], "gemms_chunked": [], "gemms_full": []}
+    for _ in range(args.repeat):
+        for kind in times:
+            start = time.perf_counter()
+            if kind == "fused":
+                _fused(features.detach().clone(), weight.detach().clone(), bias.clone(), target)
+            elif kind == "gemms_chunked":
+                _gemms(features, weight, chunk)
+            else:
+                _gemms_full(features, weight)
+            times[kind].append(time.perf_counter() - start)
+    best = {kind: min(t) for kind, t in times.items()}
+    flops = 6 * args.rows * args.classes * args.dim
+    print(f"  chunk rows = {chunk} ({chunk * args.classes * 4 / 2**20:.0f} MiB of logits)")
+    for kind, t in times.items():
+        print(f"  {kind:14s}: min {best[kind]:7.2f} s  ({flops / best[kind] / 1e9:6.1f} GFLOP/s of 6NKd)  "
+              f"runs {[round(x, 2) for x in t]}")
+    print(f"  fused / gemms_chunked = {best['fused'] / best['gemms_chunked']:.3f}")
+    print(f"  fused / gemms_full    = {best['fused'] / best['gemms_full']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
