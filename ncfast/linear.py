@@ -120,8 +120,10 @@ def fused_linear_loss(
     if reduction == "mean":
         total = _mean_divisor(target, class_weight, ignore_index, rows.dtype)
         value = value / total
+        # No counted row: loss NaN (0/0) but gradient 0, as torch; a tensor select, no sync.
+        scale = torch.where(total == 0, 0.0, 1.0 / total)
         for grad in (d_features, d_weight, d_bias):
-            grad.div_(total.to(grad.dtype))
+            grad.mul_(scale.to(grad.dtype))
     return value.to(features.dtype), d_features, d_weight, d_bias
 
 

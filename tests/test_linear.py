@@ -118,6 +118,18 @@ def test_chunk_size_does_not_change_the_result():
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("num_rows", [0, 6])
+def test_no_counted_row_gives_nan_loss_and_zero_gradient(num_rows):
+    features, weight, bias, target = _problem(num_rows=num_rows)
+    target.fill_(-100)
+    leaves = [t.requires_grad_(True) for t in (features, weight, bias)]
+    value = ncfast.linear_cross_entropy(*leaves, target)
+    assert value.isnan()
+    value.backward()
+    for leaf in leaves:
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
 def test_chunk_rows_from_budget():
     assert linear.chunk_rows(65536, 16384, torch.float32) == linear.CHUNK_MEMORY_BYTES // (16384 * 4)
     assert linear.chunk_rows(10, 16384, torch.float32) == 10
