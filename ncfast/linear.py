@@ -4,15 +4,16 @@ without ever holding the (N, K) logits.
 The rows are processed in chunks of ``C`` rows, ``C`` chosen so that one chunk of logits fits
 a memory budget (:data:`CHUNK_MEMORY_BYTES` by default). Per chunk ``c``:
 
-1. ``Z_c = H_c Wᵀ + b`` — one GEMM (``addmm``) into a reused (C, K) buffer;
+1. ``Z_c = [H_c | 1] [W | b]ᵀ`` — one GEMM into a reused (C, K) buffer (the bias rides in
+   an extra column, so it costs no pass of its own);
 2. the fused loss kernel (``ncfast::fused_loss_``, C++ on CPU, Triton on CUDA) overwrites
    ``Z_c`` with ``G_c = ∂ℓ/∂Z_c`` and returns the per-row losses;
-3. ``dH_c = G_c W`` (GEMM into the output rows), ``dW += G_cᵀ H_c`` (GEMM, accumulated),
-   ``db += Σ_rows G_c``.
+3. ``dH_c = G_c W`` (GEMM into the output rows) and ``[dW | db] += G_cᵀ [H_c | 1]`` (one
+   GEMM, accumulated: db comes out of the extra column).
 
 Extra memory is one chunk (C·K) plus the gradients themselves (N·d + K·d + K). The work is
-the three GEMMs the unfused computation needs (6·N·K·d flops) plus one read and one write of
-each chunk by the loss kernel.
+the three GEMMs the unfused computation needs (6·N·K·d flops, plus 1/d for the bias column)
+plus one read and one write of each chunk by the loss kernel.
 
 Like Liger's and cut-cross-entropy's fused linear cross-entropy, the gradients are computed
 in the forward pass (where the chunk of logits exists anyway) and the backward pass only
@@ -51,30 +52,51 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_memory
 # --------------------------------------------------------------------------------------------
 # the chunked computation (device-agnostic: torch GEMMs + the dispatched loss op)
 # --------------------------------------------------------------------------------------------
+def _bias_width(dim: int) -> int:
+    """Columns of [H | 1] and [W | b]: d + 1 rounded up to 16 elements, so that every row
+    starts 64-byte aligned (an odd leading dimension slows the BLAS kernels down)."""
+    return (dim + 1 + 15) // 16 * 16
+
+
 def _chunked(features, weight, bias, target, class_weight, alpha, loss, params, ignore_index, chunk,
              row_scale, grad_features, grad_weight, grad_bias):
     """Per-row losses (N,) in the accumulation dtype and the unscaled gradients
-    Σ_i u_i ∂(w_{y_i} ℓ_i) (u = ``row_scale`` or 1); a gradient not asked for is (0,)."""
-    num_rows, num_classes = features.shape[0], weight.shape[0]
+    Σ_i u_i ∂(w_{y_i} ℓ_i) (u = ``row_scale`` or 1); a gradient not asked for is (0,).
+
+    With a bias the GEMMs run on [H_c | 1] and [W | b]: the logits GEMM adds b, and the dW
+    GEMM yields db in its extra column, instead of two more passes over each chunk."""
+    num_rows, dim = features.shape
+    num_classes = weight.shape[0]
     dtype, device = features.dtype, features.device
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
     rows = torch.empty(num_rows, dtype=accumulate, device=device)
+    chunk = max(1, min(chunk, num_rows))
+    logits = torch.empty((chunk, num_classes), dtype=dtype, device=device)
+    if bias is None:
+        weight_ext, features_ext = weight, None
+    else:
+        weight_ext = weight.new_zeros((num_classes, _bias_width(dim)))
+        weight_ext[:, :dim] = weight
+        weight_ext[:, dim] = bias
+        features_ext = features.new_zeros((chunk, weight_ext.shape[1]))
+        features_ext[:, dim] = 1
     # Distinct (0,) tensors: a custom op's outputs may not alias one another.
     d_features = torch.empty_like(features) if grad_features else features.new_empty((0,))
-    # Low-precision dW and db are summed over chunks in fp32; each chunk's GEMM rounds once.
-    d_weight = torch.zeros(weight.shape, dtype=accumulate, device=device) if grad_weight else features.new_empty((0,))
-    d_bias = torch.zeros(num_classes, dtype=accumulate, device=device) if grad_bias else features.new_empty((0,))
-    exact_weight = grad_weight and d_weight.dtype == dtype
-    buffer = torch.empty((min(chunk, num_rows), num_classes), dtype=dtype, device=device)
-    weight_t = weight.t()
+    # [dW | db], or db alone for a frozen W. Low-precision ones are summed over the chunks in
+    # fp32 (each chunk's GEMM rounds once).
+    if grad_weight:
+        d_weight_ext = torch.zeros(weight_ext.shape, dtype=accumulate, device=device)
+    elif grad_bias:
+        d_bias = torch.zeros(num_classes, dtype=accumulate, device=device)
+        ones = features.new_ones(chunk)
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
         h = features[start:stop]
-        z = buffer[: stop - start]
-        if bias is None:
-            torch.mm(h, weight_t, out=z)
-        else:
-            torch.addmm(bias, h, weight_t, out=z)
+        if features_ext is not None:
+            features_ext[: stop - start, :dim] = h
+            h = features_ext[: stop - start]
+        z = logits[: stop - start]
+        torch.mm(h, weight_ext.t(), out=z)
         value = torch.ops.ncfast.fused_loss_(
             z, target[start:stop], class_weight, alpha, loss, params["label_smoothing"], params["gamma"],
             params["kappa"], params["beta"], ignore_index, "none",
@@ -84,13 +106,18 @@ def _chunked(features, weight, bias, target, class_weight, alpha, loss, params, 
             z.mul_(row_scale[start:stop, None].to(dtype))
         if grad_features:
             torch.mm(z, weight, out=d_features[start:stop])
-        if exact_weight:
-            d_weight.addmm_(z.t(), h)
+        if grad_weight and accumulate == dtype:
+            d_weight_ext.addmm_(z.t(), h)
         elif grad_weight:
-            d_weight.add_(torch.mm(z.t(), h))
-        if grad_bias:
-            d_bias.add_(z.sum(0, dtype=accumulate))
-    return rows, d_features, d_weight.to(dtype), d_bias.to(dtype)
+            d_weight_ext.add_(torch.mm(z.t(), h))
+        elif grad_bias:
+            d_bias.add_(torch.mv(z.t(), ones[: stop - start]))
+    d_weight = d_weight_ext[:, :dim].to(dtype).contiguous() if grad_weight else features.new_empty((0,))
+    if grad_bias:
+        d_bias = (d_weight_ext[:, dim] if grad_weight else d_bias).to(dtype).contiguous()
+    else:
+        d_bias = features.new_empty((0,))
+    return rows, d_features, d_weight, d_bias
 
 
 def _mean_divisor(target, class_weight, ignore_index, dtype):

@@ -151,6 +151,25 @@ def test_frozen_classifier_and_no_grad():
     torch.testing.assert_close(value, linear_loss(features, weight, bias, target, loss="rescaled_mse").detach())
 
 
+@pytest.mark.parametrize("trainable", ["features", "weight", "bias", "weight+bias"])
+def test_subsets_of_gradients(trainable):
+    """Only the asked-for gradients are computed, each through its own path (with a frozen
+    classifier, db comes from a matrix-vector product instead of the dW GEMM)."""
+    features, weight, bias, target = _problem()
+    named = {"features": features, "weight": weight, "bias": bias}
+    leaves = [named[name].requires_grad_(True) for name in trainable.split("+")]
+    ncfast.linear_focal_loss(features, weight, bias, target, reduction="sum", chunk_memory=600).backward()
+    expected = [leaf.detach().clone().requires_grad_(True) for leaf in leaves]
+    copies = {name: e for name, e in zip(trainable.split("+"), expected)}
+    args = [copies.get(name, named[name].detach()) for name in ("features", "weight", "bias")]
+    linear_loss(*args, target, loss="focal", reduction="sum").backward()
+    for leaf, want in zip(leaves, expected):
+        torch.testing.assert_close(leaf.grad, want.grad, atol=1e-12, rtol=1e-12)
+    for name, tensor in named.items():
+        if name not in copies:
+            assert tensor.grad is None
+
+
 @pytest.mark.xfail(strict=True, raises=RuntimeError,
                    reason="losses._torch_forward calls torch.autograd.grad inside a custom op, below the autograd key")
 def test_torch_backend_matches_cpp():
