@@ -12,7 +12,8 @@ a memory budget (:data:`CHUNK_MEMORY_BYTES` by default). Per chunk ``c``:
    GEMM, accumulated: db comes out of the extra column).
 
 Extra memory is one chunk (C·K) plus the gradients themselves (N·d + K·d + K). The work is
-the three GEMMs the unfused computation needs (6·N·K·d flops, plus 1/d for the bias column)
+the three GEMMs the unfused computation needs (6·N·K·d flops; with a bias, two of them run on d + 1
+rounded up to 16 columns)
 plus one read and one write of each chunk by the loss kernel.
 
 Like Liger's and cut-cross-entropy's fused linear cross-entropy, the gradients are computed
@@ -167,6 +168,8 @@ def _(features, weight, bias, target, class_weight, alpha, loss, label_smoothing
 
 
 def _setup_context(ctx, inputs, output):
+    # The gradient outputs are non-differentiable: no zero-filled (N, d)/(K, d) grads for them.
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[12]
     if ctx.reduction == "none":
         ctx.arguments = inputs[4:14]
@@ -179,6 +182,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_grads_of_grads):
+    if grad_loss is None:  # not materialised: nothing flows back
+        return (None,) * 18
     if ctx.reduction == "none":
         features, weight, bias, target = ctx.saved_tensors
         computed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
