@@ -46,7 +46,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_memory: int = CHUNK_MEMORY_BYTES) -> int:
     """Rows per chunk: as many as fit ``chunk_memory`` bytes of (rows, K) logits, at least one."""
-    per_row = num_classes * torch.empty((), dtype=dtype).element_size()
+    per_row = num_classes * dtype.itemsize
     return max(1, min(num_rows, chunk_memory // max(per_row, 1)))
 
 
@@ -137,6 +137,8 @@ def fused_linear_loss(
 
     With ``row_scale`` u (N,) the gradients are those of Σ_i u_i ℓ_i (the backward of
     reduction="none"); otherwise those of the reduced loss."""
+    if target.device.type == "cpu":  # here for the global row index; on CUDA it would sync
+        losses._check_target_values(target, weight.shape[0], ignore_index)
     params = losses._params(label_smoothing, gamma, kappa, beta)
     rows, d_features, d_weight, d_bias = _chunked(
         features, weight, bias, target, class_weight, alpha, loss, params, ignore_index, chunk,
@@ -274,8 +276,6 @@ def _linear_loss(loss, features, weight, bias, target, class_weight, alpha, igno
     if alpha is not None:
         alpha = _check_class_vector("alpha", alpha, num_classes, features.device)
     target = target.to(torch.int64)
-    if target.device.type == "cpu":  # global row index in the message; on CUDA it would sync
-        losses._check_target_values(target, num_classes, ignore_index)
     features, weight = features.contiguous(), weight.contiguous()
     chunk = chunk_rows(num_rows, num_classes, features.dtype, chunk_memory)
     grad_on = torch.is_grad_enabled() and reduction != "none"

@@ -189,6 +189,19 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.ncfast.fused_linear_loss, args)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiles_without_graph_breaks(reduction):
+    features, weight, bias, target = _problem(num_rows=12, dim=4, num_classes=7)
+    leaves = [t.requires_grad_(True) for t in (features, weight, bias)]
+    compiled = torch.compile(ncfast.linear_cross_entropy, fullgraph=True, backend="aot_eager")
+    value = compiled(*leaves, target, reduction=reduction, chunk_memory=5 * 7 * 8)
+    grads = torch.autograd.grad(value.sum(), leaves)
+    expected = linear_loss(*leaves, target, reduction=reduction)
+    torch.testing.assert_close(value, expected, atol=1e-12, rtol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), leaves)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
 def _bad_inputs():
     f, w, b, t = _problem(dtype=torch.float32)
     yield "features", TypeError, dict(features=f.double())
