@@ -73,8 +73,25 @@ def _gemms_full(features, weight):
 def _warm_up(kind, dim, classes):
     """Loads the code (MKL kernels, the extension, torch.library dispatch) at a tiny shape so
     that its pages do not count as the call's memory."""
-    small = _inputs(64, dim, classes)
-    _fused(*small) if kind == "fused" else _gemms_full(small[0], small[1])
+    _run(kind, *_inputs(64, dim, classes), 64)
+
+
+def _torch_eager(features, weight, bias, target):
+    """The unfused computation: full logits, ``F.cross_entropy``, autograd."""
+    leaves = [t.requires_grad_(True) for t in (features, weight, bias)]
+    logits = torch.nn.functional.linear(*leaves)
+    torch.nn.functional.cross_entropy(logits, target).backward()
+
+
+def _run(kind, features, weight, bias, target, chunk):
+    if kind == "fused":
+        _fused(features, weight, bias, target)
+    elif kind == "torch_eager":
+        _torch_eager(features, weight, bias, target)
+    elif kind == "gemms_chunked":
+        _gemms(features, weight, chunk)
+    else:
+        _gemms_full(features, weight)
 
 
 def _child(kind, rows, dim, classes):
@@ -82,10 +99,7 @@ def _child(kind, rows, dim, classes):
     features, weight, bias, target = _inputs(rows, dim, classes)
     before = _status("VmRSS")
     start = time.perf_counter()
-    if kind == "fused":
-        _fused(features, weight, bias, target)
-    else:
-        _gemms_full(features, weight)
+    _run(kind, features, weight, bias, target, rows)
     seconds = time.perf_counter() - start
     print(json.dumps({"growth": _status("VmHWM") - before, "seconds": seconds}))
 
@@ -96,7 +110,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--classes", type=int, default=16384)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--child", choices=["fused", "gemms_full"])
+    parser.add_argument("--torch", action="store_true",
+                        help="also torch eager (full logits: needs several times N·K·4 bytes)")
+    parser.add_argument("--child", choices=["fused", "gemms_full", "torch_eager"])
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.rows, args.dim, args.classes)
@@ -105,8 +121,9 @@ def main() -> None:
     from ncfast import linear
 
     shape = ["--rows", str(args.rows), "--dim", str(args.dim), "--classes", str(args.classes)]
+    peers = ("fused", "gemms_full") + (("torch_eager",) if args.torch else ())
     memory = {}
-    for kind in ("fused", "gemms_full"):
+    for kind in peers:
         out = subprocess.run([sys.executable, __file__, "--child", kind, *shape], check=True,
                              capture_output=True, text=True).stdout
         memory[kind] = json.loads(out.splitlines()[-1])
@@ -118,18 +135,14 @@ def main() -> None:
 
     features, weight, bias, target = _inputs(args.rows, args.dim, args.classes)
     chunk = linear.chunk_rows(args.rows, args.classes, torch.float32)
-    for kind in ("fused", "gemms_full"):
+    for kind in peers:
         _warm_up(kind, args.dim, args.classes)
-    times = {"fused": [], "gemms_chunked": [], "gemms_full": []}
+    times = {kind: [] for kind in ("fused", "gemms_chunked") + peers[1:]}
     for _ in range(args.repeat):
         for kind in times:
+            leaves = (features.detach().clone(), weight.detach().clone(), bias.clone())
             start = time.perf_counter()
-            if kind == "fused":
-                _fused(features.detach().clone(), weight.detach().clone(), bias.clone(), target)
-            elif kind == "gemms_chunked":
-                _gemms(features, weight, chunk)
-            else:
-                _gemms_full(features, weight)
+            _run(kind, *leaves, target, chunk)
             times[kind].append(time.perf_counter() - start)
     best = {kind: min(t) for kind, t in times.items()}
     flops = 6 * args.rows * args.classes * args.dim
@@ -137,8 +150,9 @@ def main() -> None:
     for kind, t in times.items():
         print(f"  {kind:14s}: min {best[kind]:7.2f} s  ({flops / best[kind] / 1e9:6.1f} GFLOP/s of 6NKd)  "
               f"runs {[round(x, 2) for x in t]}")
-    print(f"  fused / gemms_chunked = {best['fused'] / best['gemms_chunked']:.3f}")
-    print(f"  fused / gemms_full    = {best['fused'] / best['gemms_full']:.3f}")
+    for kind in times:
+        if kind != "fused":
+            print(f"  fused / {kind:14s} = {best['fused'] / best[kind]:.3f}")
 
 
 if __name__ == "__main__":
