@@ -17,6 +17,7 @@ The backward pass only scales the stored gradient by the incoming gradient (a sc
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional, Sequence, Union
 
 import torch
@@ -56,23 +57,12 @@ def _cpp_forward(logits, target, weight, alpha, grad, loss, params, ignore_index
     return rows, total
 
 
-def _reference_rows(loss, logits, target, weight, alpha, params, ignore_index):
-    if loss == "cross_entropy":
-        return reference.cross_entropy_rows(logits, target, weight, ignore_index, params["label_smoothing"])
-    if loss == "focal":
-        return reference.focal_rows(logits, target, params["gamma"], alpha, weight, ignore_index)
-    return reference.rescaled_mse_rows(logits, target, params["kappa"], params["beta"], weight, ignore_index)
-
-
 def _torch_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
-    with torch.enable_grad():
-        z = logits.detach().to(_accumulation_dtype(logits.dtype)).requires_grad_(True)
-        rows = _reference_rows(loss, z, target, weight, alpha, params, ignore_index)
-        total = reference.total_weight(target, weight, ignore_index, z.dtype)
-        objective = rows.sum() / total if mean else rows.sum()
-        (g,) = torch.autograd.grad(objective, z)
-    grad.copy_(g)
-    return rows.detach(), total
+    z = logits.to(_accumulation_dtype(logits.dtype))
+    rows, g = reference.rows_and_grad(loss, z, target, weight, alpha, ignore_index, **params)
+    total = reference.total_weight(target, weight, ignore_index, z.dtype)
+    grad.copy_(g / total if mean else g)
+    return rows, total
 
 
 def _triton_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
@@ -113,6 +103,48 @@ def _forward(logits, target, weight, alpha, grad, loss, params, ignore_index, re
     return value.to(logits.dtype)
 
 
+class _GradientWorkspace:
+    """The CPU gradient buffer, reused across steps.
+
+    torch's CPU allocator hands large blocks back to the OS, so a fresh N×K gradient costs a
+    page fault per 4 KiB on every step — often more than the fused loss itself. The last
+    buffer is kept and handed out again once no other tensor shares its storage (checked
+    under a lock, so concurrent calls never share one). CUDA has its own caching allocator."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buffer: Optional[Tensor] = None
+
+    @staticmethod
+    def _unshared(buffer: Tensor) -> bool:
+        # Every caller got its own view (a tensor of its own on the same storage), so the
+        # storage's count is ours plus the temporary storage object once all of them are gone.
+        return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        with self._lock:
+            buffer = self._buffer
+            if buffer is None or buffer.shape != shape or buffer.dtype != dtype or not self._unshared(buffer):
+                buffer = torch.empty(shape, dtype=dtype)
+                self._buffer = buffer
+            return buffer.view(shape)
+
+    def release(self) -> None:
+        """Drop the kept buffer (its memory returns once nothing else uses it)."""
+        with self._lock:
+            self._buffer = None
+
+
+_workspace = _GradientWorkspace()
+release_workspace = _workspace.release
+
+
+def _new_gradient(logits: Tensor) -> Tensor:
+    if logits.device.type == "cpu" and hasattr(torch._C, "_storage_Use_Count"):
+        return _workspace.take(logits.shape, logits.dtype)
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
 # --------------------------------------------------------------------------------------------
 # torch.library ops
 # --------------------------------------------------------------------------------------------
@@ -127,7 +159,7 @@ def fused_loss(
 ) -> tuple[Tensor, Tensor]:
     """Loss and its gradient in one pass: ``(loss, grad)`` with ``grad`` of the logits' shape
     and dtype. ``loss`` is one of :data:`LOSSES`; see :func:`cross_entropy` for the rest."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = _new_gradient(logits)
     value = _forward(logits, target, weight, alpha, grad, loss,
                      _params(label_smoothing, gamma, kappa, beta), ignore_index, reduction)
     return value, grad

@@ -66,3 +66,36 @@ def reduce(rows, target, weight, ignore_index, reduction):
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / total_weight(target, weight, ignore_index, rows.dtype)
+
+
+def rows_and_grad(loss, logits, target, weight=None, alpha=None, ignore_index=-100, label_smoothing=0.0,
+                  gamma=2.0, kappa=1.0, beta=1.0):
+    """Per-row losses and their gradient ∂(Σ_i rows_i)/∂logits in closed form (SPEC §1's g
+    column), without autograd: the ``"torch"`` backend. Tests check it against autograd of
+    the ``*_rows`` functions above."""
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    row_factor = _class_factor(weight, safe, keep, logits.dtype)  # w_y, 0 on ignored rows
+    is_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, safe[:, None], True)
+    if loss == "rescaled_mse":
+        rows = rescaled_mse_rows(logits, target, kappa, beta, weight, ignore_index)
+        z_y = logits.gather(1, safe[:, None])
+        grad = torch.where(is_target, 2 * kappa * (z_y - beta), 2 * logits)
+        return rows, grad * row_factor[:, None]
+    p = torch.softmax(logits, dim=1)
+    one_hot = is_target.to(logits.dtype)
+    if loss == "cross_entropy":
+        rows = cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing)
+        column_weight = logits.new_ones(logits.shape[1]) if weight is None else weight.to(logits.dtype)
+        smoothing = label_smoothing / logits.shape[1] * (column_weight.sum() * p - column_weight)
+        grad = (1 - label_smoothing) * row_factor[:, None] * (p - one_hot) + keep[:, None] * smoothing
+        return rows, grad
+    rows = focal_rows(logits, target, gamma, alpha, weight, ignore_index)
+    log_p_y = torch.log_softmax(logits, dim=1).gather(1, safe[:, None])[:, 0]
+    one_minus_p = -torch.expm1(log_p_y)
+    positive = one_minus_p > 0
+    modulator = torch.where(positive, torch.where(positive, one_minus_p, 1.0) ** gamma, 0.0**gamma)
+    log_ratio = torch.where(positive, log_p_y / torch.where(positive, one_minus_p, 1.0), -1.0)
+    c = modulator * (gamma * (1 - one_minus_p) * log_ratio - 1)  # ℓ' factor: g = c (e_y − p)
+    factor = row_factor if alpha is None else row_factor * alpha.to(logits.dtype)[safe]
+    return rows, (factor * c)[:, None] * (one_hot - p)
