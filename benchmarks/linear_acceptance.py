@@ -6,7 +6,7 @@ Run as a script (not an asv benchmark: one shape, minutes of runtime)::
     python benchmarks/linear_acceptance.py [--rows 65536 --dim 256 --classes 16384 --repeat 3]
 
 Memory: each measurement runs in a fresh subprocess; growth = VmHWM after the call − VmRSS
-before it (code warmed up at a tiny shape, inputs allocated). Time: min over ``--repeat`` runs, the
+before it (code warmed up at a tiny shape, inputs allocated). Time: min (and median) over ``--repeat`` runs, the
 fused call and the GEMMs alternated in the same process so that load from other processes
 hits both alike.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -150,9 +151,11 @@ def main() -> None:
     for kind, t in times.items():
         print(f"  {kind:14s}: min {best[kind]:7.2f} s  ({flops / best[kind] / 1e9:6.1f} GFLOP/s of 6NKd)  "
               f"runs {[round(x, 2) for x in t]}")
+    median = {kind: statistics.median(t) for kind, t in times.items()}
     for kind in times:
         if kind != "fused":
-            print(f"  fused / {kind:14s} = {best['fused'] / best[kind]:.3f}")
+            print(f"  fused / {kind:14s} = {best['fused'] / best[kind]:.3f} (min)  "
+                  f"{median['fused'] / median[kind]:.3f} (median)")
 
 
 if __name__ == "__main__":
