@@ -37,4 +37,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_openmp") = false;
 #endif
   ncfast::register_losses(m);
+  ncfast::register_ncstats(m);
 }

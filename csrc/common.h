@@ -86,6 +86,22 @@ NCFAST_INLINE float vexp(float x) {
 }
 NCFAST_INLINE double vexp(double x) { return std::exp(x); }
 
+// tanh on the vector units: an odd polynomial near 0 (relative accuracy where 1 - 2/(e^{2x}+1)
+// would cancel), 1 - 2/(e^{2|x|} + 1) elsewhere; branch-free.
+NCFAST_INLINE float vtanh(float x) {
+  const float ax = x < 0 ? -x : x;
+  const float x2 = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * x2 + 2.06390887954e-2f;
+  p = p * x2 - 5.37397155531e-2f;
+  p = p * x2 + 1.33314422036e-1f;
+  p = p * x2 - 3.33332819422e-1f;
+  const float small = x + x * x2 * p;
+  const float large = 1.0f - 2.0f / (vexp(2.0f * ax) + 1.0f);
+  return ax < 0.625f ? small : (x < 0 ? -large : large);
+}
+NCFAST_INLINE double vtanh(double x) { return std::tanh(x); }
+
 // A strided 1-D or 2-D view of a Python buffer (a numpy array made from a tensor with
 // `.numpy()`, zero-copy). Strides are in elements.
 struct View {
@@ -101,5 +117,6 @@ View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsi
 inline int thread_count(int requested) { return requested > 0 ? requested : 1; }
 
 void register_losses(py::module_& m);
+void register_ncstats(py::module_& m);
 
 }  // namespace ncfast

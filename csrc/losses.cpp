@@ -1,14 +1,21 @@
-// Fused loss + gradient for cross-entropy (label smoothing), focal and rescaled MSE (SPEC §1).
+// Fused loss + gradient for cross-entropy (label smoothing, z-loss, logit softcap), focal and
+// rescaled MSE (SPEC §1, §7).
 //
-// One call handles a block of rows. Per row: one sweep reads the logits (max, NaN check, Σz),
-// one sweep computes exp(z - max) once per logit into the gradient buffer (or an fp32 scratch
-// row for 16-bit logits) while summing it, and a last sweep over the cache-resident row turns
-// it into the gradient. Every loss is a small function from the row's statistics to
-// (loss, a, c, g_y): g_j = scale·(a·v_j + c) for j ≠ y and g_y = scale·g_y, with v_j the
-// stored exp (softmax losses) or the logit itself (MSE).
+// The work on one row is three shared pieces:
+//   row_stats      one sweep over the logits (max, NaN flag, Σ_j w_j z_j, z_y), and a second
+//                  over the cache-resident row computing exp(z - max) once per logit, stored
+//                  (in the gradient buffer, or an fp32 scratch row for 16-bit logits) and summed;
+//   row_result     a small per-loss function from the statistics to the loss and the gradient
+//                  in the form g_j = a·v_j + c·u_j (j ≠ y), g_y = grad_target, where v_j is
+//                  exp(z_j - max) (softmax losses) or z_j (MSE) and u_j the class weight;
+//   write_gradient one sweep writing g (times the softcap's derivative when there is one).
+// `loss_forward` runs them back to back per row (the row stays in cache). With the classes
+// split across processes (vocabulary parallelism), `loss_row_stats` runs the first on each
+// process's slice, the caller combines the statistics over processes, and
+// `loss_from_stats` runs the other two, recomputing exp(z - max) from the global max.
 #include <algorithm>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -24,71 +31,203 @@ struct LossOptions {
   double gamma;
   double kappa;
   double beta;
+  double z_loss;   // λ of the z-loss λ·lse² (cross-entropy)
+  double softcap;  // logits become softcap·tanh(z/softcap) first; 0: off
 };
 
-// What a loss makes of one row, class weights included: the loss and the gradient in the form
-// g_j = a·v_j + c·u_j (j ≠ y), g_y = grad_target, where v_j is exp(z_j - max) for the softmax
-// losses and z_j for the MSE, and u_j is the class weight w_j (1 without weights).
+// Statistics of one row (or of this process's slice of it). For the MSE, `sumexp` holds
+// Σ_{j≠y} z_j² and `max` is 0. The same layout is what processes exchange.
+template <typename A>
+struct RowStats {
+  A max, sumexp, target_logit, weighted_sum, has_nan;
+};
+constexpr int kStatsFields = 5;
+
 template <typename A>
 struct RowResult {
-  A loss, a, c, grad_target;
+  A loss, a, c, grad_target, lse;
 };
 
-// Softmax statistics of one row: max m, S = Σ_j exp(z_j - m), z_y, Σ_j w_j z_j, and the class
-// weights w_y and W = Σ_j w_j (1 and K without weights).
-template <typename A>
-struct SoftmaxRow {
-  A max, sumexp, target_logit, weighted_sum, target_weight, total_weight;
-  int64_t num_classes;
+// The logit as the loss sees it: capped by softcap·tanh(z/softcap) when asked.
+template <bool kCap, typename T, typename A>
+NCFAST_INLINE A load_logit(T value, A cap, A inv_cap) {
+  A z = to_float(value);
+  if constexpr (kCap) return cap * vtanh(z * inv_cap);
+  return z;
+}
+
+// d(softcap·tanh(z/softcap))/dz = 1 - (capped/softcap)².
+template <bool kCap, typename A>
+NCFAST_INLINE A cap_derivative(A capped, A inv_cap) {
+  if constexpr (kCap) return 1 - (capped * inv_cap) * (capped * inv_cap);
+  return A(1);
+}
+
+struct Slice {
+  int64_t num_classes;  // columns held here
+  int64_t offset;       // global index of the first one
+  int64_t total;        // K over all processes
 };
+
+// One row's statistics over its local columns; exp(z - max) goes to `e` when it is given.
+template <bool kCap, bool kColumnWeights, typename T, typename A>
+NCFAST_INLINE RowStats<A> row_stats(const T* z, int64_t y_local, const Slice& slice, const double* u, int kind,
+                                    A cap, A inv_cap, A* e) {
+  const int64_t K = slice.num_classes;
+  RowStats<A> s{0, 0, 0, 0, 0};
+  const bool local_target = 0 <= y_local && y_local < K;
+  if (local_target) s.target_logit = load_logit<kCap>(z[y_local], cap, inv_cap);
+  if (kind == kRescaledMSE) {
+    A sumsq = 0;
+    int has_nan = 0;
+#pragma omp simd reduction(+ : sumsq) reduction(| : has_nan)
+    for (int64_t j = 0; j < K; ++j) {
+      A zj = load_logit<kCap>(z[j], cap, inv_cap);
+      sumsq += j == y_local ? A(0) : zj * zj;
+      has_nan |= (zj != zj);
+    }
+    s.sumexp = sumsq;
+    s.has_nan = has_nan;
+    return s;
+  }
+  A max = -std::numeric_limits<A>::infinity(), weighted_sum = 0;
+  int has_nan = 0;
+#pragma omp simd reduction(max : max) reduction(| : has_nan) reduction(+ : weighted_sum)
+  for (int64_t j = 0; j < K; ++j) {
+    A zj = load_logit<kCap>(z[j], cap, inv_cap);
+    max = zj > max ? zj : max;
+    has_nan |= (zj != zj);
+    if constexpr (kColumnWeights) {
+      weighted_sum += static_cast<A>(u[j]) * zj;
+    } else {
+      weighted_sum += zj;
+    }
+  }
+  A sumexp = 0;
+  if (max > -std::numeric_limits<A>::infinity()) {  // an all -inf slice adds nothing
+    if (e) {
+#pragma omp simd reduction(+ : sumexp)
+      for (int64_t j = 0; j < K; ++j) {
+        A ej = vexp(load_logit<kCap>(z[j], cap, inv_cap) - max);
+        e[j] = ej;
+        sumexp += ej;
+      }
+    } else {
+#pragma omp simd reduction(+ : sumexp)
+      for (int64_t j = 0; j < K; ++j) sumexp += vexp(load_logit<kCap>(z[j], cap, inv_cap) - max);
+    }
+  }
+  s.max = max;
+  s.sumexp = sumexp;
+  s.weighted_sum = weighted_sum;
+  s.has_nan = has_nan;
+  return s;
+}
 
 // log p_y and 1 - p_y = -expm1(log p_y), accurate as p_y -> 1 (SPEC §1, Liger PR #1329).
 template <typename A>
-NCFAST_INLINE void target_log_prob(const SoftmaxRow<A>& r, A& log_p, A& one_minus_p) {
-  log_p = (r.target_logit - r.max) - std::log(r.sumexp);
+NCFAST_INLINE void target_log_prob(const RowStats<A>& s, A& log_p, A& one_minus_p) {
+  log_p = (s.target_logit - s.max) - std::log(s.sumexp);
   one_minus_p = -std::expm1(log_p);
 }
 
-// ℓ = (1-α) w_y (lse - z_y) + (α/K) Σ_j w_j (lse - z_j): torch's weighted label smoothing,
-// which is w_y (lse - Σ q_j z_j), q = (1-α)e_y + α/K, without weights.
-// g_j = p_j((1-α) w_y + α W/K) - (α/K) w_j - (1-α) w_y δ_jy.
+// ℓ = (1-α) w_y (lse - z_y) + (α/K) Σ_j w_j (lse - z_j) + w_y λ lse²: torch's weighted label
+// smoothing (w_y (lse - Σ q_j z_j), q = (1-α)e_y + α/K, without weights) plus the z-loss.
+// g_j = p_j((1-α) w_y + α W/K + 2 w_y λ lse) - (α/K) w_j - (1-α) w_y δ_jy.
 template <typename A>
-NCFAST_INLINE RowResult<A> cross_entropy_row(const SoftmaxRow<A>& r, A smoothing) {
+NCFAST_INLINE RowResult<A> cross_entropy_row(const RowStats<A>& s, A w_y, A W, A num_classes, A smoothing, A z_loss) {
   A log_p, one_minus_p;
-  target_log_prob(r, log_p, one_minus_p);
-  const A w_y = r.target_weight, W = r.total_weight, uniform = smoothing / static_cast<A>(r.num_classes);
+  target_log_prob(s, log_p, one_minus_p);
+  const A uniform = smoothing / num_classes, log_sumexp = std::log(s.sumexp), lse = s.max + log_sumexp;
   A loss = -(1 - smoothing) * w_y * log_p;
   if (smoothing > 0) {
     // Σ_j w_j (lse - z_j), written around the max so that it stays exact for large logits.
-    loss += uniform * ((W * r.max - r.weighted_sum) + W * std::log(r.sumexp));
+    loss += uniform * ((W * s.max - s.weighted_sum) + W * log_sumexp);
   }
-  const A p_coef = (1 - smoothing) * w_y + uniform * W;
   const A p_y = 1 - one_minus_p;
+  A p_coef = (1 - smoothing) * w_y + uniform * W;
   // g_y without forming p_y - 1 in low precision.
-  const A grad_target = -(1 - smoothing) * w_y * one_minus_p + uniform * (W * p_y - w_y);
-  return {loss, p_coef / r.sumexp, -uniform, grad_target};
+  A grad_target = -(1 - smoothing) * w_y * one_minus_p + uniform * (W * p_y - w_y);
+  if (z_loss > 0) {
+    loss += w_y * z_loss * lse * lse;
+    p_coef += 2 * w_y * z_loss * lse;
+    grad_target += 2 * w_y * z_loss * lse * p_y;
+  }
+  return {loss, p_coef / s.sumexp, -uniform, grad_target, lse};
 }
 
 // ℓ = -w_y α_y (1-p_y)^γ log p_y;  g_j = w_y α_y c(δ_jy - p_j) with
 // c = γ(1-p_y)^{γ-1} p_y log p_y - (1-p_y)^γ = (1-p_y)^γ (γ p_y · log p_y/(1-p_y) - 1),
 // where log p_y/(1-p_y) -> -1 as p_y -> 1: finite for every γ ≥ 0, and γ = 0 gives CE exactly.
 template <typename A>
-NCFAST_INLINE RowResult<A> focal_row(const SoftmaxRow<A>& r, A gamma, A alpha_y) {
+NCFAST_INLINE RowResult<A> focal_row(const RowStats<A>& s, A w_y, A gamma, A alpha_y) {
   A log_p, one_minus_p;
-  target_log_prob(r, log_p, one_minus_p);
-  const A factor = r.target_weight * alpha_y;
+  target_log_prob(s, log_p, one_minus_p);
+  const A factor = w_y * alpha_y;
   const A p = 1 - one_minus_p;
   const A modulator = std::pow(one_minus_p, gamma);  // pow(0, 0) = 1
   const A log_ratio = one_minus_p > 0 ? log_p / one_minus_p : A(-1);
   const A c = modulator * (gamma * p * log_ratio - 1);
-  return {-factor * modulator * log_p, -factor * c / r.sumexp, A(0), factor * c * one_minus_p};
+  return {-factor * modulator * log_p, -factor * c / s.sumexp, A(0), factor * c * one_minus_p,
+          s.max + std::log(s.sumexp)};
 }
 
 // ℓ = w_y (κ(z_y - β)² + Σ_{j≠y} z_j²);  g_j = 2 w_y z_j, g_y = 2 w_y κ(z_y - β).
 template <typename A>
-NCFAST_INLINE RowResult<A> rescaled_mse_row(A target_logit, A sumsq_others, A target_weight, A kappa, A beta) {
-  const A d = target_logit - beta;
-  return {target_weight * (kappa * d * d + sumsq_others), 2 * target_weight, A(0), 2 * target_weight * kappa * d};
+NCFAST_INLINE RowResult<A> rescaled_mse_row(const RowStats<A>& s, A w_y, A kappa, A beta) {
+  const A d = s.target_logit - beta;
+  return {w_y * (kappa * d * d + s.sumexp), 2 * w_y, A(0), 2 * w_y * kappa * d, A(0)};
+}
+
+template <typename A>
+NCFAST_INLINE RowResult<A> row_result(const RowStats<A>& s, const LossOptions& opt, A w_y, A alpha_y, A W,
+                                      int64_t num_classes) {
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  if (opt.kind == kRescaledMSE) {
+    RowResult<A> r = rescaled_mse_row<A>(s, w_y, A(opt.kappa), A(opt.beta));
+    return s.has_nan != 0 ? RowResult<A>{nan, nan, nan, nan, nan} : r;
+  }
+  // NaN or +inf anywhere in the row (or all -inf): the row is NaN, as in torch.
+  if (s.has_nan != 0 || !std::isfinite(s.max)) return {nan, nan, nan, nan, nan};
+  if (opt.kind == kFocal) return focal_row<A>(s, w_y, A(opt.gamma), alpha_y);
+  return cross_entropy_row<A>(s, w_y, W, static_cast<A>(num_classes), A(opt.label_smoothing), A(opt.z_loss));
+}
+
+// Where v_j comes from in the gradient sweep.
+enum class Values { stored_exp, recomputed_exp, logits };
+
+template <Values kValues, bool kCap, bool kColumnWeights, typename T, typename A>
+NCFAST_INLINE void write_gradient(T* g, const T* z, const A* e, const double* u, int64_t K, A max, A ga, A gc, A cap,
+                                  A inv_cap) {
+#pragma omp simd
+  for (int64_t j = 0; j < K; ++j) {
+    A v, zj = 0;
+    if constexpr (kCap || kValues != Values::stored_exp) zj = load_logit<kCap>(z[j], cap, inv_cap);
+    if constexpr (kValues == Values::stored_exp) {
+      v = e[j];
+    } else if constexpr (kValues == Values::recomputed_exp) {
+      v = vexp(zj - max);
+    } else {
+      v = zj;
+    }
+    A gj;
+    if constexpr (kColumnWeights) {
+      gj = ga * v + gc * static_cast<A>(u[j]);
+    } else {
+      gj = ga * v + gc;
+    }
+    g[j] = from_acc<T>(gj * cap_derivative<kCap>(zj, inv_cap));
+  }
+}
+
+template <Values kValues, bool kCap, typename T, typename A>
+NCFAST_INLINE void write_gradient_for(bool column_weights, T* g, const T* z, const A* e, const double* u, int64_t K,
+                                      A max, A ga, A gc, A cap, A inv_cap) {
+  if (column_weights) {
+    write_gradient<kValues, kCap, true>(g, z, e, u, K, max, ga, gc, cap, inv_cap);
+  } else {
+    write_gradient<kValues, kCap, false>(g, z, e, u, K, max, ga, gc, cap, inv_cap);
+  }
 }
 
 template <typename T>
@@ -98,134 +237,156 @@ struct LossArgs {
   int64_t logits_stride;
   const int64_t* target;
   int64_t target_stride;
-  const double* class_weight;  // (K,) or null
-  const double* alpha;         // (K,) or null (focal only)
+  const double* class_weight;  // (K_total,) or null
+  const double* alpha;         // (K_total,) or null (focal only)
   T* grad;
   int64_t grad_stride;
-  A* row_loss;
-  int64_t num_rows, num_classes;
+  A* row_loss;  // (N,) or null
+  A* row_lse;   // (N,) or null
+  A* stats;     // (N, kStatsFields): written by loss_row_stats, read by loss_from_stats
+  int64_t num_rows;
+  Slice slice;
   int64_t ignore_index;
-  double total_class_weight;  // W = Σ_j w_j
+  double total_class_weight;  // W = Σ_j w_j over all classes
   double grad_scale;          // 1/Σ_i w_{y_i} for reduction="mean", else 1
   LossOptions opt;
 };
 
-template <typename T>
-NCFAST_INLINE void loss_rows(const LossArgs<T>& args, int64_t begin, int64_t end,
-                             typename acc_of<T>::type* scratch) {
+enum class Phase { fused, stats, from_stats };
+
+template <Phase kPhase, bool kCap, typename T>
+NCFAST_INLINE void loss_rows_impl(const LossArgs<T>& args, int64_t begin, int64_t end,
+                                  typename acc_of<T>::type* scratch) {
   using A = typename acc_of<T>::type;
-  const int64_t K = args.num_classes;
   const LossOptions& opt = args.opt;
-  const A nan = std::numeric_limits<A>::quiet_NaN();
+  const Slice& slice = args.slice;
+  const int64_t K = slice.num_classes;
+  const A cap = static_cast<A>(opt.softcap), inv_cap = kCap ? 1 / cap : A(0);
+  // Per-column weights enter only through weighted label smoothing.
+  const bool column_weights = args.class_weight && opt.kind == kCrossEntropy && opt.label_smoothing > 0;
+  const double* u = args.class_weight ? args.class_weight + slice.offset : nullptr;
   for (int64_t i = begin; i < end; ++i) {
     const T* z = args.logits + i * args.logits_stride;
-    T* g = args.grad + i * args.grad_stride;
     const int64_t y = args.target[i * args.target_stride];
+    const int64_t y_local = y - slice.offset;
+    const bool local_target = 0 <= y_local && y_local < K;
+    A* stats = args.stats ? args.stats + i * kStatsFields : nullptr;
     if (y == args.ignore_index) {
-      for (int64_t j = 0; j < K; ++j) g[j] = from_acc<T>(0);
-      args.row_loss[i] = 0;
+      if constexpr (kPhase == Phase::stats) {
+        for (int f = 0; f < kStatsFields; ++f) stats[f] = 0;
+      } else {
+        T* g = args.grad + i * args.grad_stride;
+        for (int64_t j = 0; j < K; ++j) g[j] = from_acc<T>(0);
+        args.row_loss[i] = 0;
+        if (args.row_lse) args.row_lse[i] = 0;
+      }
       continue;
     }
-    const A w_y = args.class_weight ? static_cast<A>(args.class_weight[y]) : A(1);
-    const A target_logit = to_float(z[y]);
-    // Per-column weights enter the gradient only through weighted label smoothing.
-    const bool column_weights = args.class_weight && opt.kind == kCrossEntropy && opt.label_smoothing > 0;
-    RowResult<A> r;
-    const A* v = nullptr;  // v_j for the gradient sweep; null: the logits themselves
-
-    if (opt.kind == kRescaledMSE) {
-      A sumsq = 0;
-#pragma omp simd reduction(+ : sumsq)
-      for (int64_t j = 0; j < y; ++j) sumsq += to_float(z[j]) * to_float(z[j]);
-#pragma omp simd reduction(+ : sumsq)
-      for (int64_t j = y + 1; j < K; ++j) sumsq += to_float(z[j]) * to_float(z[j]);
-      r = rescaled_mse_row<A>(target_logit, sumsq, w_y, A(opt.kappa), A(opt.beta));
+    RowStats<A> s;
+    A* e = nullptr;
+    if constexpr (kPhase == Phase::from_stats) {
+      s = {stats[0], stats[1], stats[2], stats[3], stats[4]};
     } else {
-      A max = -std::numeric_limits<A>::infinity(), weighted_sum = 0;
-      int has_nan = 0;
-      if (column_weights) {
-        const double* w = args.class_weight;
-#pragma omp simd reduction(max : max) reduction(| : has_nan) reduction(+ : weighted_sum)
-        for (int64_t j = 0; j < K; ++j) {
-          A zj = to_float(z[j]);
-          max = zj > max ? zj : max;
-          has_nan |= (zj != zj);
-          weighted_sum += static_cast<A>(w[j]) * zj;
-        }
-      } else {
-#pragma omp simd reduction(max : max) reduction(| : has_nan) reduction(+ : weighted_sum)
-        for (int64_t j = 0; j < K; ++j) {
-          A zj = to_float(z[j]);
-          max = zj > max ? zj : max;
-          has_nan |= (zj != zj);
-          weighted_sum += zj;
-        }
-      }
-      // exp(z - max) is stored once; for fp32/fp64 in the gradient buffer itself (safe when
-      // it aliases the logits: each element is read before it is overwritten).
-      A* e = scratch ? scratch : reinterpret_cast<A*>(g);
-      A sumexp = 0;
-#pragma omp simd reduction(+ : sumexp)
-      for (int64_t j = 0; j < K; ++j) {
-        A ej = vexp(to_float(z[j]) - max);
-        e[j] = ej;
-        sumexp += ej;
-      }
-      v = e;
-      if (has_nan || !std::isfinite(max)) {
-        // NaN or +inf anywhere in the row (or all -inf): the row is NaN, as in torch.
-        r = {nan, nan, nan, nan};
-      } else {
-        const A W = column_weights ? static_cast<A>(args.total_class_weight) : static_cast<A>(K);
-        SoftmaxRow<A> row{max, sumexp, target_logit, weighted_sum, w_y, W, K};
-        r = opt.kind == kFocal ? focal_row<A>(row, A(opt.gamma), args.alpha ? A(args.alpha[y]) : A(1))
-                               : cross_entropy_row<A>(row, A(opt.label_smoothing));
+      // For fp32/fp64 exp(z - max) is stored in the gradient buffer itself (safe when it aliases
+      // the logits: each element is read before it is overwritten).
+      if constexpr (kPhase == Phase::fused) e = scratch ? scratch : reinterpret_cast<A*>(args.grad + i * args.grad_stride);
+      s = column_weights ? row_stats<kCap, true>(z, y_local, slice, u, opt.kind, cap, inv_cap, e)
+                         : row_stats<kCap, false>(z, y_local, slice, u, opt.kind, cap, inv_cap, e);
+      if constexpr (kPhase == Phase::stats) {
+        stats[0] = s.max;
+        stats[1] = s.sumexp;
+        stats[2] = s.target_logit;
+        stats[3] = s.weighted_sum;
+        stats[4] = s.has_nan;
+        continue;
       }
     }
-
-    const A scale = static_cast<A>(args.grad_scale);
-    const A ga = scale * r.a, gc = scale * r.c;
-    if (column_weights) {
-      const double* w = args.class_weight;
-#pragma omp simd
-      for (int64_t j = 0; j < K; ++j) g[j] = from_acc<T>(ga * v[j] + gc * static_cast<A>(w[j]));
-    } else if (v) {
-#pragma omp simd
-      for (int64_t j = 0; j < K; ++j) g[j] = from_acc<T>(ga * v[j] + gc);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < K; ++j) g[j] = from_acc<T>(ga * to_float(z[j]) + gc);
+    if constexpr (kPhase != Phase::stats) {
+      const A w_y = args.class_weight ? static_cast<A>(args.class_weight[y]) : A(1);
+      const A alpha_y = args.alpha ? static_cast<A>(args.alpha[y]) : A(1);
+      const A W = column_weights ? static_cast<A>(args.total_class_weight) : static_cast<A>(slice.total);
+      const RowResult<A> r = row_result<A>(s, opt, w_y, alpha_y, W, slice.total);
+      const A scale = static_cast<A>(args.grad_scale);
+      T* g = args.grad + i * args.grad_stride;
+      const A ga = scale * r.a, gc = scale * r.c;
+      if (opt.kind == kRescaledMSE) {
+        write_gradient_for<Values::logits, kCap>(column_weights, g, z, e, u, K, s.max, ga, gc, cap, inv_cap);
+      } else if (kPhase == Phase::fused) {
+        write_gradient_for<Values::stored_exp, kCap>(column_weights, g, z, e, u, K, s.max, ga, gc, cap, inv_cap);
+      } else {
+        write_gradient_for<Values::recomputed_exp, kCap>(column_weights, g, z, e, u, K, s.max, ga, gc, cap, inv_cap);
+      }
+      if (local_target) {
+        g[y_local] = from_acc<T>(scale * r.grad_target * cap_derivative<kCap>(s.target_logit, inv_cap));
+      }
+      args.row_loss[i] = r.loss;
+      if (args.row_lse) args.row_lse[i] = r.lse;
     }
-    g[y] = from_acc<T>(scale * r.grad_target);
-    args.row_loss[i] = r.loss;
   }
 }
 
-// One clone set per element type (target_clones does not apply to templates directly).
+template <Phase kPhase, typename T>
+NCFAST_INLINE void loss_rows(const LossArgs<T>& args, int64_t begin, int64_t end, typename acc_of<T>::type* scratch) {
+  if (args.opt.softcap > 0) {
+    loss_rows_impl<kPhase, true>(args, begin, end, scratch);
+  } else {
+    loss_rows_impl<kPhase, false>(args, begin, end, scratch);
+  }
+}
+
+// One clone set per element type and phase (target_clones does not apply to templates).
 template <typename T>
 using RowsFn = void (*)(const LossArgs<T>&, int64_t, int64_t, typename acc_of<T>::type*);
 
-NCFAST_CLONES void loss_rows_f32(const LossArgs<float>& a, int64_t b, int64_t e, float* s) { loss_rows(a, b, e, s); }
-NCFAST_CLONES void loss_rows_f64(const LossArgs<double>& a, int64_t b, int64_t e, double* s) { loss_rows(a, b, e, s); }
-NCFAST_CLONES void loss_rows_bf16(const LossArgs<bf16>& a, int64_t b, int64_t e, float* s) { loss_rows(a, b, e, s); }
-NCFAST_CLONES void loss_rows_f16(const LossArgs<f16>& a, int64_t b, int64_t e, float* s) { loss_rows(a, b, e, s); }
+#define NCFAST_LOSS_ROWS(NAME, PHASE, T, A)                                            \
+  NCFAST_CLONES void NAME(const LossArgs<T>& args, int64_t begin, int64_t end, A* s) { \
+    loss_rows<PHASE>(args, begin, end, s);                                            \
+  }
+NCFAST_LOSS_ROWS(fused_f32, Phase::fused, float, float)
+NCFAST_LOSS_ROWS(fused_f64, Phase::fused, double, double)
+NCFAST_LOSS_ROWS(fused_bf16, Phase::fused, bf16, float)
+NCFAST_LOSS_ROWS(fused_f16, Phase::fused, f16, float)
+NCFAST_LOSS_ROWS(stats_f32, Phase::stats, float, float)
+NCFAST_LOSS_ROWS(stats_f64, Phase::stats, double, double)
+NCFAST_LOSS_ROWS(stats_bf16, Phase::stats, bf16, float)
+NCFAST_LOSS_ROWS(stats_f16, Phase::stats, f16, float)
+NCFAST_LOSS_ROWS(from_stats_f32, Phase::from_stats, float, float)
+NCFAST_LOSS_ROWS(from_stats_f64, Phase::from_stats, double, double)
+NCFAST_LOSS_ROWS(from_stats_bf16, Phase::from_stats, bf16, float)
+NCFAST_LOSS_ROWS(from_stats_f16, Phase::from_stats, f16, float)
+#undef NCFAST_LOSS_ROWS
 
-// Checks every target (out-of-range values are reported, never read through) and returns
-// Σ_i w_{y_i} over the rows that are not ignored.
-double check_targets(const int64_t* target, int64_t stride, int64_t n, int64_t num_classes,
-                     int64_t ignore_index, const double* class_weight) {
-  double total = 0;
+template <typename T>
+struct RowsFns {
+  RowsFn<T> fused, stats, from_stats;
+};
+template <typename T>
+RowsFns<T> rows_fns();
+template <>
+RowsFns<float> rows_fns<float>() { return {fused_f32, stats_f32, from_stats_f32}; }
+template <>
+RowsFns<double> rows_fns<double>() { return {fused_f64, stats_f64, from_stats_f64}; }
+template <>
+RowsFns<bf16> rows_fns<bf16>() { return {fused_bf16, stats_bf16, from_stats_bf16}; }
+template <>
+RowsFns<f16> rows_fns<f16>() { return {fused_f16, stats_f16, from_stats_f16}; }
+
+// Checks every target against [0, total) (out-of-range values are reported, never read
+// through) and returns Σ_i w_{y_i} over the rows that are not ignored.
+double check_targets(const int64_t* target, int64_t stride, int64_t n, int64_t total, int64_t ignore_index,
+                     const double* class_weight) {
+  double sum = 0;
   for (int64_t i = 0; i < n; ++i) {
     int64_t y = target[i * stride];
     if (y == ignore_index) continue;
-    if (y < 0 || y >= num_classes) {
+    if (y < 0 || y >= total) {
       throw py::value_error("target: value " + std::to_string(y) + " at index " + std::to_string(i) +
-                            " is out of range [0, " + std::to_string(num_classes) +
-                            ") and is not ignore_index=" + std::to_string(ignore_index));
+                            " is out of range [0, " + std::to_string(total) + ") and is not ignore_index=" +
+                            std::to_string(ignore_index));
     }
-    total += class_weight ? class_weight[y] : 1.0;
+    sum += class_weight ? class_weight[y] : 1.0;
   }
-  return total;
+  return sum;
 }
 
 const double* optional_vector(const py::object& obj, const char* name, int64_t size) {
@@ -238,39 +399,23 @@ const double* optional_vector(const py::object& obj, const char* name, int64_t s
   return static_cast<const double*>(v.data);
 }
 
+size_t itemsize_of(const std::string& dtype) {
+  if (dtype == "float64") return 8;
+  if (dtype == "float32") return 4;
+  if (dtype == "bfloat16" || dtype == "float16") return 2;
+  throw py::type_error("logits: unsupported dtype " + dtype);
+}
+
+// Runs `fn` over all rows, split evenly over the threads (each row's result is independent of
+// the split, so any thread count gives the same bits).
 template <typename T>
-double run_loss(const View& logits, const View& grad, const View& target, const View& row_loss,
-                const double* class_weight, const double* alpha, const LossOptions& opt,
-                int64_t ignore_index, bool mean, int num_threads, RowsFn<T> rows_fn) {
+void run_rows(const LossArgs<T>& args, RowsFn<T> fn, bool need_scratch, int num_threads) {
   using A = typename acc_of<T>::type;
-  LossArgs<T> args;
-  args.logits = static_cast<const T*>(logits.data);
-  args.logits_stride = logits.row_stride;
-  args.target = static_cast<const int64_t*>(target.data);
-  args.target_stride = target.row_stride;
-  args.class_weight = class_weight;
-  args.alpha = alpha;
-  args.grad = static_cast<T*>(grad.data);
-  args.grad_stride = grad.row_stride;
-  args.row_loss = static_cast<A*>(row_loss.data);
-  args.num_rows = logits.rows;
-  args.num_classes = logits.cols;
-  args.ignore_index = ignore_index;
-  args.opt = opt;
-
-  py::gil_scoped_release release;
-  const int64_t N = args.num_rows, K = args.num_classes;
-  const double total_weight = check_targets(args.target, args.target_stride, N, K, ignore_index, class_weight);
-  args.grad_scale = mean ? 1.0 / total_weight : 1.0;
-  args.total_class_weight = 0;
-  if (class_weight)
-    for (int64_t k = 0; k < K; ++k) args.total_class_weight += class_weight[k];
-  if (N == 0 || K == 0) return total_weight;
-
+  const int64_t N = args.num_rows, K = args.slice.num_classes;
+  if (N == 0 || K == 0) return;
   // Below ~64K logits a thread costs more than it saves.
   const int64_t work_threads = std::max<int64_t>(1, (N * K) / 65536);
   const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, N}));
-  const bool need_scratch = !std::is_same<T, A>::value && opt.kind != kRescaledMSE;
 #pragma omp parallel num_threads(threads)
   {
     int t = 0, nt = 1;
@@ -279,51 +424,166 @@ double run_loss(const View& logits, const View& grad, const View& target, const 
     nt = omp_get_num_threads();
 #endif
     std::vector<A> scratch(need_scratch ? K : 0);
-    const int64_t begin = N * t / nt, end = N * (t + 1) / nt;
-    rows_fn(args, begin, end, need_scratch ? scratch.data() : nullptr);
+    fn(args, N * t / nt, N * (t + 1) / nt, need_scratch ? scratch.data() : nullptr);
   }
+}
+
+// The arguments every entry point shares, checked and turned into LossArgs.
+struct Call {
+  const py::buffer& logits;
+  const py::buffer& target;
+  const std::string& dtype;
+  int kind;
+  double label_smoothing, gamma, kappa, beta, z_loss, softcap;
+  const py::object& class_weight;
+  const py::object& alpha;
+  int64_t ignore_index;
+  int64_t vocab_start, total_classes;  // total_classes < 0: all classes are here
+};
+
+template <typename T>
+LossArgs<T> make_args(const Call& call, const View& logits, const View& target) {
+  LossArgs<T> args{};
+  if (call.kind < kCrossEntropy || call.kind > kRescaledMSE) throw py::value_error("kind: unknown loss");
+  args.logits = static_cast<const T*>(logits.data);
+  args.logits_stride = logits.row_stride;
+  args.target = static_cast<const int64_t*>(target.data);
+  args.target_stride = target.row_stride;
+  args.num_rows = logits.rows;
+  const int64_t total = call.total_classes < 0 ? logits.cols : call.total_classes;
+  if (call.vocab_start < 0 || call.vocab_start + logits.cols > total)
+    throw py::value_error("vocab_start: the slice [vocab_start, vocab_start + K) must lie in [0, total_classes)");
+  args.slice = {logits.cols, call.vocab_start, total};
+  args.class_weight = optional_vector(call.class_weight, "weight", total);
+  args.alpha = optional_vector(call.alpha, "alpha", total);
+  args.ignore_index = call.ignore_index;
+  args.opt = {call.kind, call.label_smoothing, call.gamma, call.kappa, call.beta, call.z_loss, call.softcap};
+  args.total_class_weight = 0;
+  if (args.class_weight)
+    for (int64_t k = 0; k < total; ++k) args.total_class_weight += args.class_weight[k];
+  if (target.rows != logits.rows) throw py::value_error("target: length differs from logits' rows");
+  return args;
+}
+
+template <typename A>
+A* output_vector(const py::object& obj, const char* name, int64_t n) {
+  if (obj.is_none()) return nullptr;
+  View v = view_of(obj.cast<py::buffer>(), name, 1, sizeof(A), true);
+  if (v.rows != n || (v.row_stride != 1 && n > 1))
+    throw py::value_error(std::string(name) + ": expected a contiguous vector with one entry per row");
+  return static_cast<A*>(v.data);
+}
+
+enum class Entry { forward, stats, from_stats };
+
+template <typename T>
+double run_entry(Entry entry, const Call& call, const py::object& grad_obj, const py::object& row_loss_obj,
+                 const py::object& row_lse_obj, const py::object& stats_obj, bool mean, double total_weight,
+                 int num_threads) {
+  using A = typename acc_of<T>::type;
+  const size_t itemsize = itemsize_of(call.dtype);
+  View logits = view_of(call.logits, "logits", 2, itemsize, false);
+  View target = view_of(call.target, "target", 1, sizeof(int64_t), false);
+  LossArgs<T> args = make_args<T>(call, logits, target);
+  const int64_t N = logits.rows;
+  if (entry != Entry::forward) {
+    View stats = view_of(stats_obj.cast<py::buffer>(), "stats", 2, sizeof(A), entry == Entry::stats);
+    if (stats.rows != N || stats.cols != kStatsFields || (stats.row_stride != kStatsFields && N > 1))
+      throw py::value_error("stats: expected a contiguous (N, 5) buffer");
+    args.stats = static_cast<A*>(stats.data);
+  }
+  if (entry != Entry::stats) {
+    View grad = view_of(grad_obj.cast<py::buffer>(), "grad", 2, itemsize, true);
+    if (grad.rows != N || grad.cols != logits.cols) throw py::value_error("grad: shape differs from logits");
+    args.grad = static_cast<T*>(grad.data);
+    args.grad_stride = grad.row_stride;
+    args.row_loss = output_vector<A>(row_loss_obj, "row_loss", N);
+    if (!args.row_loss) throw py::value_error("row_loss: required");
+    args.row_lse = output_vector<A>(row_lse_obj, "row_lse", N);
+  }
+
+  py::gil_scoped_release release;
+  // Every entry reads class_weight[y] and alpha[y]: all targets are checked first.
+  const double counted_weight =
+      check_targets(args.target, args.target_stride, N, args.slice.total, args.ignore_index, args.class_weight);
+  if (entry == Entry::forward) total_weight = counted_weight;
+  args.grad_scale = mean ? 1.0 / total_weight : 1.0;
+  const RowsFns<T> fns = rows_fns<T>();
+  // exp(z - max) lives in an fp32 scratch row for 16-bit logits, and with a softcap, whose
+  // derivative re-reads the logits (which an in-place gradient buffer would have overwritten).
+  const bool scratch = entry == Entry::forward && call.kind != kRescaledMSE &&
+                       (!std::is_same<T, A>::value || call.softcap > 0);
+  run_rows<T>(args, entry == Entry::forward ? fns.fused : entry == Entry::stats ? fns.stats : fns.from_stats,
+              scratch, num_threads);
   return total_weight;
 }
 
-// loss_forward(logits, target, grad, row_loss, dtype, kind, ...) -> Σw
-// logits, grad: (N, K) rows contiguous (grad may be the logits buffer itself); target: (N,)
-// int64; row_loss: (N,) fp32 (fp64 for fp64 logits), receives w_y·ℓ_i; class_weight, alpha:
-// (K,) float64 or None. The gradient row i is w_y·∂ℓ_i/∂z_i, divided by Σw when mean is true.
-double loss_forward(const py::buffer& logits_buf, const py::buffer& target_buf, const py::buffer& grad_buf,
-                    const py::buffer& row_loss_buf, const std::string& dtype, int kind, double label_smoothing,
-                    double gamma, double kappa, double beta, const py::object& class_weight_obj,
-                    const py::object& alpha_obj, int64_t ignore_index, bool mean, int num_threads) {
-  if (kind < kCrossEntropy || kind > kRescaledMSE) throw py::value_error("kind: unknown loss");
-  size_t itemsize = dtype == "float64" ? 8 : dtype == "float32" ? 4 : (dtype == "bfloat16" || dtype == "float16") ? 2 : 0;
-  if (itemsize == 0) throw py::type_error("logits: unsupported dtype " + dtype);
-  View logits = view_of(logits_buf, "logits", 2, itemsize, false);
-  View grad = view_of(grad_buf, "grad", 2, itemsize, true);
-  View target = view_of(target_buf, "target", 1, sizeof(int64_t), false);
-  View row_loss = view_of(row_loss_buf, "row_loss", 1, dtype == "float64" ? 8 : 4, true);
-  if (grad.rows != logits.rows || grad.cols != logits.cols) throw py::value_error("grad: shape differs from logits");
-  if (target.rows != logits.rows) throw py::value_error("target: length differs from logits' rows");
-  if (row_loss.rows != logits.rows || (row_loss.row_stride != 1 && row_loss.rows > 1))
-    throw py::value_error("row_loss: expected a contiguous vector with one entry per row");
-  const double* class_weight = optional_vector(class_weight_obj, "weight", logits.cols);
-  const double* alpha = optional_vector(alpha_obj, "alpha", logits.cols);
-  LossOptions opt{kind, label_smoothing, gamma, kappa, beta};
-  if (dtype == "float32")
-    return run_loss<float>(logits, grad, target, row_loss, class_weight, alpha, opt, ignore_index, mean, num_threads, loss_rows_f32);
-  if (dtype == "float64")
-    return run_loss<double>(logits, grad, target, row_loss, class_weight, alpha, opt, ignore_index, mean, num_threads, loss_rows_f64);
-  if (dtype == "bfloat16")
-    return run_loss<bf16>(logits, grad, target, row_loss, class_weight, alpha, opt, ignore_index, mean, num_threads, loss_rows_bf16);
-  return run_loss<f16>(logits, grad, target, row_loss, class_weight, alpha, opt, ignore_index, mean, num_threads, loss_rows_f16);
+double dispatch(Entry entry, const Call& call, const py::object& grad, const py::object& row_loss,
+                const py::object& row_lse, const py::object& stats, bool mean, double total_weight, int num_threads) {
+  if (call.dtype == "float32")
+    return run_entry<float>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+  if (call.dtype == "float64")
+    return run_entry<double>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+  if (call.dtype == "bfloat16")
+    return run_entry<bf16>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+  if (call.dtype == "float16")
+    return run_entry<f16>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+  throw py::type_error("logits: unsupported dtype " + call.dtype);
 }
 
 }  // namespace
 
 void register_losses(py::module_& m) {
-  m.def("loss_forward", &loss_forward, py::arg("logits"), py::arg("target"), py::arg("grad"), py::arg("row_loss"),
-        py::arg("dtype"), py::arg("kind"), py::arg("label_smoothing"), py::arg("gamma"), py::arg("kappa"),
-        py::arg("beta"), py::arg("class_weight"), py::arg("alpha"), py::arg("ignore_index"), py::arg("mean"),
-        py::arg("num_threads"),
-        "Fused loss and gradient for a block of rows; returns the total weight Σw of the counted rows.");
+  m.def(
+      "loss_forward",
+      [](const py::buffer& logits, const py::buffer& target, const py::object& grad, const py::object& row_loss,
+         const py::object& row_lse, const std::string& dtype, int kind, double label_smoothing, double gamma,
+         double kappa, double beta, double z_loss, double softcap, const py::object& class_weight,
+         const py::object& alpha, int64_t ignore_index, bool mean, int num_threads) {
+        Call call{logits, target, dtype, kind, label_smoothing, gamma, kappa, beta, z_loss, softcap,
+                  class_weight, alpha, ignore_index, 0, -1};
+        return dispatch(Entry::forward, call, grad, row_loss, row_lse, py::none(), mean, 0.0, num_threads);
+      },
+      py::arg("logits"), py::arg("target"), py::arg("grad"), py::arg("row_loss"), py::arg("row_lse"),
+      py::arg("dtype"), py::arg("kind"), py::arg("label_smoothing"), py::arg("gamma"), py::arg("kappa"),
+      py::arg("beta"), py::arg("z_loss"), py::arg("softcap"), py::arg("class_weight"), py::arg("alpha"),
+      py::arg("ignore_index"), py::arg("mean"), py::arg("num_threads"),
+      "Fused loss and gradient. logits, grad: (N, K), rows contiguous (grad may be the logits "
+      "buffer); target: (N,) int64; row_loss, row_lse (or None): (N,) fp32 (fp64 for fp64 logits) "
+      "receive w_y·ℓ_i and lse_i; class_weight, alpha: (K,) float64 or None. Row i of grad is "
+      "w_y·∂ℓ_i/∂z_i, divided by Σw when mean. Returns Σw over the counted rows.");
+  m.def(
+      "loss_row_stats",
+      [](const py::buffer& logits, const py::buffer& target, const py::object& stats, const std::string& dtype,
+         int kind, double label_smoothing, double softcap, const py::object& class_weight, int64_t ignore_index,
+         int64_t vocab_start, int64_t total_classes, int num_threads) {
+        Call call{logits, target, dtype, kind, label_smoothing, 0.0, 1.0, 0.0, 0.0, softcap,
+                  class_weight, py::none(), ignore_index, vocab_start, total_classes};
+        dispatch(Entry::stats, call, py::none(), py::none(), py::none(), stats, false, 0.0, num_threads);
+      },
+      py::arg("logits"), py::arg("target"), py::arg("stats"), py::arg("dtype"), py::arg("kind"),
+      py::arg("label_smoothing"), py::arg("softcap"), py::arg("class_weight"), py::arg("ignore_index"),
+      py::arg("vocab_start"), py::arg("total_classes"), py::arg("num_threads"),
+      "Vocabulary-parallel phase 1: per-row statistics (max, Σexp(z - max) or Σ_{j≠y} z², z_y, "
+      "Σ_j w_j z_j, NaN flag) of this slice of the classes into stats (N, 5).");
+  m.def(
+      "loss_from_stats",
+      [](const py::buffer& logits, const py::buffer& target, const py::buffer& stats, const py::object& grad,
+         const py::object& row_loss, const py::object& row_lse, const std::string& dtype, int kind,
+         double label_smoothing, double gamma, double kappa, double beta, double z_loss, double softcap,
+         const py::object& class_weight, const py::object& alpha, int64_t ignore_index, int64_t vocab_start,
+         int64_t total_classes, bool mean, double total_weight, int num_threads) {
+        Call call{logits, target, dtype, kind, label_smoothing, gamma, kappa, beta, z_loss, softcap,
+                  class_weight, alpha, ignore_index, vocab_start, total_classes};
+        dispatch(Entry::from_stats, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+      },
+      py::arg("logits"), py::arg("target"), py::arg("stats"), py::arg("grad"), py::arg("row_loss"),
+      py::arg("row_lse"), py::arg("dtype"), py::arg("kind"), py::arg("label_smoothing"), py::arg("gamma"),
+      py::arg("kappa"), py::arg("beta"), py::arg("z_loss"), py::arg("softcap"), py::arg("class_weight"),
+      py::arg("alpha"), py::arg("ignore_index"), py::arg("vocab_start"), py::arg("total_classes"),
+      py::arg("mean"), py::arg("total_weight"), py::arg("num_threads"),
+      "Vocabulary-parallel phase 2: loss and this slice's gradient from the statistics combined "
+      "over all slices (stats as written by loss_row_stats, then reduced).");
   m.attr("LOSS_KINDS") = py::make_tuple("cross_entropy", "focal", "rescaled_mse");
 }
 

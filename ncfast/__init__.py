@@ -1,6 +1,7 @@
 """ncfast: fused losses and streaming neural-collapse metrics for classification training."""
 
 from ._backend import available_backends, use_backend
+from .geometry import ETFClassifier, simplex_etf
 from .linear import linear_cross_entropy, linear_focal_loss, linear_rescaled_mse
 from .losses import (
     CrossEntropyLoss,
@@ -10,19 +11,34 @@ from .losses import (
     focal_loss,
     rescaled_mse,
 )
+from .ncstats import NCMetrics, NCSecondPass, NCStats, nc_metrics
+from . import train, ufm  # noqa: E402  (modules: ncfast.train.train(...), ncfast.ufm.solve(...))
+from .train import TrainConfig
+from .ufm import UFMResult, optimal_objective
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
+    "ETFClassifier",
     "FocalLoss",
+    "NCMetrics",
+    "NCSecondPass",
+    "NCStats",
     "RescaledMSELoss",
+    "TrainConfig",
+    "UFMResult",
     "available_backends",
     "cross_entropy",
     "focal_loss",
     "linear_cross_entropy",
     "linear_focal_loss",
     "linear_rescaled_mse",
+    "nc_metrics",
+    "optimal_objective",
     "rescaled_mse",
+    "simplex_etf",
+    "train",
+    "ufm",
     "use_backend",
 ]

@@ -11,7 +11,12 @@ import importlib
 import sys
 
 # subcommand -> module implementing it
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "demo": "ncfast.demo",
+    "metrics": "ncfast.ncstats",
+    "train": "ncfast.train",
+    "ufm": "ncfast.ufm",
+}
 
 
 class CLIError(Exception):

@@ -98,9 +98,9 @@ def _chunked(features, weight, bias, target, class_weight, alpha, loss, params, 
             h = features_ext[: stop - start]
         z = logits[: stop - start]
         torch.mm(h, weight_ext.t(), out=z)
-        value = torch.ops.ncfast.fused_loss_(
+        value, _ = torch.ops.ncfast.fused_loss_(
             z, target[start:stop], class_weight, alpha, loss, params["label_smoothing"], params["gamma"],
-            params["kappa"], params["beta"], ignore_index, "none",
+            params["kappa"], params["beta"], ignore_index, "none", params["lse_square_scale"], params["softcap"],
         )
         rows[start:stop] = value
         if row_scale is not None:
@@ -129,7 +129,7 @@ def _mean_divisor(target, class_weight, ignore_index, dtype):
 def fused_linear_loss(
     features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, class_weight: Optional[Tensor],
     alpha: Optional[Tensor], loss: str, label_smoothing: float, gamma: float, kappa: float, beta: float,
-    ignore_index: int, reduction: str, chunk: int, row_scale: Optional[Tensor],
+    lse_square_scale: float, softcap: float, ignore_index: int, reduction: str, chunk: int, row_scale: Optional[Tensor],
     grad_features: bool, grad_weight: bool, grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, dH, dW, db)``: the reduced loss of ``<loss>(H Wᵀ + b, y)`` and its gradients
@@ -139,7 +139,7 @@ def fused_linear_loss(
     reduction="none"); otherwise those of the reduced loss."""
     if target.device.type == "cpu":  # here for the global row index; on CUDA it would sync
         losses._check_target_values(target, weight.shape[0], ignore_index)
-    params = losses._params(label_smoothing, gamma, kappa, beta)
+    params = losses._params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
     rows, d_features, d_weight, d_bias = _chunked(
         features, weight, bias, target, class_weight, alpha, loss, params, ignore_index, chunk,
         row_scale, grad_features, grad_weight, grad_bias,
@@ -159,7 +159,7 @@ def fused_linear_loss(
 
 @fused_linear_loss.register_fake
 def _(features, weight, bias, target, class_weight, alpha, loss, label_smoothing, gamma, kappa, beta,
-      ignore_index, reduction, chunk, row_scale, grad_features, grad_weight, grad_bias):
+      lse_square_scale, softcap, ignore_index, reduction, chunk, row_scale, grad_features, grad_weight, grad_bias):
     value = features.new_empty((features.shape[0],) if reduction == "none" else ())
     return (
         value,
@@ -172,20 +172,20 @@ def _(features, weight, bias, target, class_weight, alpha, loss, label_smoothing
 def _setup_context(ctx, inputs, output):
     # The gradient outputs are non-differentiable: no zero-filled (N, d)/(K, d) grads for them.
     ctx.set_materialize_grads(False)
-    ctx.reduction = inputs[12]
+    ctx.reduction = inputs[14]
     if ctx.reduction == "none":
-        ctx.arguments = inputs[4:14]
+        ctx.arguments = inputs[4:16]
         ctx.has_bias = inputs[2] is not None
         ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3])
     else:
-        ctx.computed = inputs[15:18]
+        ctx.computed = inputs[17:20]
         ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_loss, *_grads_of_grads):
     if grad_loss is None:  # not materialised: nothing flows back
-        return (None,) * 18
+        return (None,) * 20
     if ctx.reduction == "none":
         features, weight, bias, target = ctx.saved_tensors
         computed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
@@ -197,7 +197,7 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
         computed = ctx.computed
         grads = [grad * grad_loss for grad in ctx.saved_tensors]
     grads = tuple(grad if needed else None for grad, needed in zip(grads, computed))
-    return grads + (None,) * 15
+    return grads + (None,) * 17
 
 
 torch.library.register_autograd("ncfast::fused_linear_loss", _backward, setup_context=_setup_context)
@@ -281,7 +281,8 @@ def _linear_loss(loss, features, weight, bias, target, class_weight, alpha, igno
     grad_on = torch.is_grad_enabled() and reduction != "none"
     value, *_ = torch.ops.ncfast.fused_linear_loss(
         features, weight, bias, target, class_weight, alpha, loss, params.get("label_smoothing", 0.0),
-        params.get("gamma", 0.0), params.get("kappa", 1.0), params.get("beta", 0.0), ignore_index, reduction,
+        params.get("gamma", 0.0), params.get("kappa", 1.0), params.get("beta", 0.0),
+        params.get("lse_square_scale", 0.0), params.get("softcap", 0.0), ignore_index, reduction,
         chunk, None, grad_on and features.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
@@ -291,7 +292,7 @@ def _linear_loss(loss, features, weight, bias, target, class_weight, alpha, igno
 def linear_cross_entropy(
     features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, class_weight: Optional[Tensor] = None,
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-    chunk_memory: int = CHUNK_MEMORY_BYTES,
+    lse_square_scale: float = 0.0, softcap: Optional[float] = None, chunk_memory: int = CHUNK_MEMORY_BYTES,
 ) -> Tensor:
     """``cross_entropy(features @ weight.T + bias, target)`` without materialising the logits.
 
@@ -303,15 +304,20 @@ def linear_cross_entropy(
         bias: (K,) or None.
         target: (N,) integer class indices in [0, K) or ``ignore_index``.
         class_weight: optional (K,) class weights (``weight=`` of :func:`ncfast.cross_entropy`).
-        ignore_index, reduction, label_smoothing: as :func:`ncfast.cross_entropy`.
+        ignore_index, reduction, label_smoothing, lse_square_scale (z-loss), softcap: as
+            :func:`ncfast.cross_entropy` (``return_lse`` and ``process_group`` are not offered here).
         chunk_memory: bytes of logits held at once; rows per chunk = chunk_memory // (K · itemsize).
 
     Returns: the loss in the features' dtype ((N,) for reduction="none"); differentiable in
     features, weight and bias. Extra memory: one chunk of logits plus the gradients.
     """
     label_smoothing = losses._check_hyper("label_smoothing", label_smoothing, lambda a: 0 <= a < 1, "a value in [0, 1)")
+    lse_square_scale = losses._check_hyper("lse_square_scale", lse_square_scale, lambda v: v >= 0, "a finite value >= 0")
+    softcap = 0.0 if softcap is None else losses._check_hyper("softcap", softcap, lambda v: v > 0,
+                                                              "None or a finite value > 0")
     return _linear_loss("cross_entropy", features, weight, bias, target, class_weight, None, ignore_index, reduction,
-                        chunk_memory, label_smoothing=label_smoothing)
+                        chunk_memory, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                        softcap=softcap)
 
 
 def linear_focal_loss(

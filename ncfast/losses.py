@@ -38,37 +38,45 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _as_float64(vector: Optional[Tensor]) -> Optional[Tensor]:
-    return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous()
+def _as_float64(vector: Optional[Tensor]):
+    return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous().numpy()
 
 
-def _cpp_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cpp_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
     from . import _C
 
     rows = torch.empty(logits.shape[0], dtype=_accumulation_dtype(logits.dtype))
     total = _C.loss_forward(
-        _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad),
-        rows.numpy(), str(logits.dtype).removeprefix("torch."), LOSSES.index(loss),
-        params["label_smoothing"], params["gamma"], params["kappa"], params["beta"],
-        None if weight is None else _as_float64(weight).numpy(),
-        None if alpha is None else _as_float64(alpha).numpy(),
-        ignore_index, mean, torch.get_num_threads(),
+        _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
+        lse.numpy(), _dtype_name(logits.dtype), LOSSES.index(loss), params["label_smoothing"], params["gamma"],
+        params["kappa"], params["beta"], params["lse_square_scale"], params["softcap"], _as_float64(weight),
+        _as_float64(alpha), ignore_index, mean, torch.get_num_threads(),
     )
     return rows, total
 
 
-def _torch_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
+def _torch_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
     z = logits.to(_accumulation_dtype(logits.dtype))
-    rows, g = reference.rows_and_grad(loss, z, target, weight, alpha, ignore_index, **params)
+    rows, g, row_lse = reference.rows_and_grad(loss, z, target, weight, alpha, ignore_index, **params)
     total = reference.total_weight(target, weight, ignore_index, z.dtype)
     grad.copy_(g / total if mean else g)
+    lse.copy_(row_lse)
     return rows, total
 
 
-def _triton_forward(logits, target, weight, alpha, grad, loss, params, ignore_index, mean):
+def _triton_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
     from .triton_kernels import losses as kernels
 
-    return kernels.loss_forward(logits, target, weight, alpha, grad, LOSSES.index(loss), params, ignore_index, mean)
+    if params["lse_square_scale"] or params["softcap"]:
+        raise ValueError("lse_square_scale, softcap: not supported by the triton backend yet")
+    rows, total = kernels.loss_forward(logits, target, weight, alpha, grad, LOSSES.index(loss), params,
+                                       ignore_index, mean)
+    lse.zero_()
+    return rows, total
 
 
 _BACKEND_FORWARD = {"cpp": _cpp_forward, "torch": _torch_forward, "triton": _triton_forward}
@@ -84,23 +92,108 @@ def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) ->
         )
 
 
-def _forward(logits, target, weight, alpha, grad, loss, params, ignore_index, reduction) -> Tensor:
+def _reduce(rows: Tensor, total, reduction: str, dtype: torch.dtype) -> Tensor:
+    if reduction == "none":
+        return rows.to(dtype)
+    value = rows.sum()
+    if reduction == "mean":
+        value = value / total
+    return value.to(dtype)
+
+
+def _forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction) -> Tensor:
     """Fills ``grad`` with ∂(reduced loss)/∂logits (per-row losses' gradients for "none") and
-    returns the reduced loss in the logits' dtype."""
+    ``lse`` with each row's log-sum-exp, and returns the reduced loss in the logits' dtype."""
     backend = _backend.backend_for(logits)
     if backend != "cpp" and target.device.type == "cpu":
         _check_target_values(target, logits.shape[1], ignore_index)
     if logits.stride(-1) != 1 and logits.shape[1] > 1:
         logits = logits.contiguous()
     rows, total = _BACKEND_FORWARD[backend](
-        logits, target, weight, alpha, grad, loss, params, ignore_index, reduction == "mean"
+        logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction == "mean"
     )
-    if reduction == "none":
-        return rows.to(logits.dtype)
-    value = rows.sum()
-    if reduction == "mean":
-        value = value / total
-    return value.to(logits.dtype)
+    return _reduce(rows, total, reduction, logits.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# vocabulary parallelism: each rank holds a slice of the K columns
+# --------------------------------------------------------------------------------------------
+def _combine_row_stats(stats: Tensor, loss: str, group) -> None:
+    """All-reduces the per-slice statistics (max, Σexp(z − max), z_y, Σ w_j z_j, NaN flag)
+    into the whole row's: the max first, then the sums rescaled to it."""
+    import torch.distributed as dist
+
+    if loss != "rescaled_mse":
+        global_max = stats[:, 0].clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        rescale = torch.where(stats[:, 1] > 0, torch.exp(stats[:, 0] - global_max), 0.0)
+        stats[:, 1] *= rescale
+        stats[:, 0] = global_max
+    sums = stats[:, 1:].contiguous()
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    stats[:, 1:] = sums
+
+
+def _vocab_parallel_forward(logits, target, weight, grad, lse, loss, params, ignore_index, reduction, group):
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    num_local = logits.shape[1]
+    total_classes, start = num_local * world, rank * num_local
+    if target.device.type == "cpu":
+        _check_target_values(target, total_classes, ignore_index)
+    total = reference.total_weight(target, weight, ignore_index, _accumulation_dtype(logits.dtype))
+    backend = _backend.backend_for(logits)
+    logits = logits.contiguous()
+    if backend == "cpp":
+        from . import _C
+
+        acc = _accumulation_dtype(logits.dtype)
+        stats = torch.empty(logits.shape[0], 5, dtype=acc)
+        common = dict(dtype=_dtype_name(logits.dtype), kind=LOSSES.index(loss),
+                      label_smoothing=params["label_smoothing"], softcap=params["softcap"],
+                      class_weight=_as_float64(weight), ignore_index=ignore_index, vocab_start=start,
+                      total_classes=total_classes, num_threads=torch.get_num_threads())
+        _C.loss_row_stats(_backend.cpu_buffer(logits), _backend.cpu_buffer(target), stats.numpy(), **common)
+        _combine_row_stats(stats, loss, group)
+        rows = torch.empty(logits.shape[0], dtype=acc)
+        _C.loss_from_stats(_backend.cpu_buffer(logits), _backend.cpu_buffer(target), stats.numpy(),
+                           _backend.cpu_buffer(grad), rows.numpy(), lse.numpy(), gamma=params["gamma"],
+                           kappa=params["kappa"], beta=params["beta"], z_loss=params["lse_square_scale"], alpha=None,
+                           mean=reduction == "mean", total_weight=float(total), **common)
+    elif backend == "torch":
+        pieces = [torch.empty_like(logits) for _ in range(world)]
+        dist.all_gather(pieces, logits, group=group)
+        z = torch.cat(pieces, dim=1).to(_accumulation_dtype(logits.dtype))
+        rows, g, row_lse = reference.rows_and_grad(loss, z, target, weight, None, ignore_index, **params)
+        g = g[:, start:start + num_local]
+        grad.copy_(g / total if reduction == "mean" else g)
+        lse.copy_(row_lse)
+    else:
+        raise ValueError(f"process_group: supported by the cpp and torch backends, not {backend!r}")
+    return _reduce(rows, total, reduction, logits.dtype)
+
+
+class _VocabParallelLoss(torch.autograd.Function):
+    """Loss over logits whose K columns are split across the ranks of ``group`` (each holds an
+    equal contiguous slice, rank r columns [r·K_r, (r+1)·K_r)): three all-reduces of N-vectors
+    per forward, none in backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, loss, params, ignore_index, reduction, group):
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        lse = torch.empty(logits.shape[0], dtype=_accumulation_dtype(logits.dtype), device=logits.device)
+        value = _vocab_parallel_forward(logits, target, weight, grad, lse, loss, params, ignore_index, reduction,
+                                        group)
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(lse)
+        return value, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        (grad,) = ctx.saved_tensors
+        return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=False),) + (None,) * 7
 
 
 class _GradientWorkspace:
@@ -148,47 +241,58 @@ def _new_gradient(logits: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # torch.library ops
 # --------------------------------------------------------------------------------------------
-def _params(label_smoothing: float, gamma: float, kappa: float, beta: float) -> dict:
-    return {"label_smoothing": label_smoothing, "gamma": gamma, "kappa": kappa, "beta": beta}
+def _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap) -> dict:
+    return {"label_smoothing": label_smoothing, "gamma": gamma, "kappa": kappa, "beta": beta,
+            "lse_square_scale": lse_square_scale, "softcap": softcap}
+
+
+def _new_lse(logits: Tensor) -> Tensor:
+    return torch.empty(logits.shape[0], dtype=_accumulation_dtype(logits.dtype), device=logits.device)
 
 
 @torch.library.custom_op("ncfast::fused_loss", mutates_args=(), device_types=None)
 def fused_loss(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Optional[Tensor], loss: str,
     label_smoothing: float, gamma: float, kappa: float, beta: float, ignore_index: int, reduction: str,
-) -> tuple[Tensor, Tensor]:
-    """Loss and its gradient in one pass: ``(loss, grad)`` with ``grad`` of the logits' shape
-    and dtype. ``loss`` is one of :data:`LOSSES`; see :func:`cross_entropy` for the rest."""
-    grad = _new_gradient(logits)
-    value = _forward(logits, target, weight, alpha, grad, loss,
-                     _params(label_smoothing, gamma, kappa, beta), ignore_index, reduction)
-    return value, grad
+    lse_square_scale: float = 0.0, softcap: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss and its gradient in one pass: ``(loss, grad, lse)`` with ``grad`` of the logits'
+    shape and dtype and ``lse`` (N,) each row's log-sum-exp (fp32; fp64 for fp64 logits; 0 for
+    ignored rows and the MSE). ``loss`` is one of :data:`LOSSES`; see :func:`cross_entropy`."""
+    grad, lse = _new_gradient(logits), _new_lse(logits)
+    params = _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
+    value = _forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction)
+    return value, grad, lse
 
 
 @fused_loss.register_fake
-def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction):
+def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction,
+      lse_square_scale=0.0, softcap=0.0):
     value = logits.new_empty((logits.shape[0],) if reduction == "none" else ())
-    return value, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return value, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device), _new_lse(logits)
 
 
 @torch.library.custom_op("ncfast::fused_loss_", mutates_args=("logits",), device_types=None)
 def fused_loss_(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Optional[Tensor], loss: str,
     label_smoothing: float, gamma: float, kappa: float, beta: float, ignore_index: int, reduction: str,
-) -> Tensor:
-    """As :func:`fused_loss`, but the gradient overwrites ``logits``; returns the loss."""
-    params = _params(label_smoothing, gamma, kappa, beta)
+    lse_square_scale: float = 0.0, softcap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """As :func:`fused_loss`, but the gradient overwrites ``logits``; returns ``(loss, lse)``."""
+    params = _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
+    lse = _new_lse(logits)
     if logits.stride(-1) == 1 or logits.shape[1] <= 1:
-        return _forward(logits, target, weight, alpha, logits, loss, params, ignore_index, reduction)
+        return _forward(logits, target, weight, alpha, logits, lse, loss, params, ignore_index, reduction), lse
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    value = _forward(logits, target, weight, alpha, grad, loss, params, ignore_index, reduction)
+    value = _forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction)
     logits.copy_(grad)
-    return value
+    return value, lse
 
 
 @fused_loss_.register_fake
-def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction):
-    return logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction,
+      lse_square_scale=0.0, softcap=0.0):
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else ()), _new_lse(logits)
 
 
 def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bool) -> Tensor:
@@ -207,14 +311,14 @@ def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bo
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[-1]
+    ctx.reduction = inputs[10]
     ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, grad_loss, _grad_of_grad):
+def _backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
     (grad,) = ctx.saved_tensors
-    return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=False),) + (None,) * 10
+    return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=False),) + (None,) * 12
 
 
 torch.library.register_autograd("ncfast::fused_loss", _backward, setup_context=_setup_context)
@@ -227,18 +331,17 @@ class _InplaceFusedLoss(torch.autograd.Function):
     that shares this storage raises at backward instead of silently using the gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction):
-        value = torch.ops.ncfast.fused_loss_(
-            logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction
-        )
-        ctx.reduction = reduction
+    def forward(ctx, logits, *args):
+        value, lse = torch.ops.ncfast.fused_loss_(logits, *args)
+        ctx.reduction = args[9]
         ctx.save_for_backward(logits)
-        return value
+        ctx.mark_non_differentiable(lse)
+        return value, lse
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_lse):
         (grad,) = ctx.saved_tensors
-        return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=True),) + (None,) * 10
+        return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=True),) + (None,) * 12
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,16 +356,15 @@ def _check_hyper(name: str, value: float, ok, expected: str) -> float:
     return value
 
 
-def _check_class_vector(name: str, vector: Tensor, logits: Tensor) -> Tensor:
+def _check_class_vector(name: str, vector: Tensor, num_classes: int, device: torch.device) -> Tensor:
     if not isinstance(vector, Tensor):
         raise TypeError(f"{name}: expected a tensor of shape (K,) or None, got {type(vector).__name__}")
     if not vector.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {vector.dtype}")
-    num_classes = logits.shape[-1] if logits.dim() <= 2 else logits.shape[1]
     if vector.shape != (num_classes,):
         raise ValueError(f"{name}: expected shape ({num_classes},) (one entry per class), got {tuple(vector.shape)}")
-    if vector.device != logits.device:
-        raise ValueError(f"{name}: is on {vector.device} but logits are on {logits.device}")
+    if vector.device != device:
+        raise ValueError(f"{name}: is on {vector.device} but logits are on {device}")
     return vector
 
 
@@ -299,36 +401,55 @@ def _as_rows(logits: Tensor, target: Tensor):
     return logits, target.reshape(-1).to(torch.int64), expected
 
 
-def _fused(loss, logits, target, weight, alpha, ignore_index, reduction, inplace_backward,
-           label_smoothing=0.0, gamma=0.0, kappa=1.0, beta=0.0) -> Tensor:
+def _fused(loss, logits, target, weight, alpha, ignore_index, reduction, inplace_backward, return_lse=False,
+           process_group=None, label_smoothing=0.0, gamma=0.0, kappa=1.0, beta=0.0, lse_square_scale=0.0,
+           softcap=0.0):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if weight is not None:
-        weight = _check_class_vector("weight", weight, logits)
-    if alpha is not None:
-        alpha = _check_class_vector("alpha", alpha, logits)
     rows_logits, rows_target, sample_shape = _as_rows(logits, target)
-    args = (rows_target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction)
-    if inplace_backward:
-        if logits.dim() > 2:
-            raise ValueError("inplace_backward: supported for logits of shape (N, K) or (K,), "
-                             f"got {tuple(logits.shape)}; move the class dimension last and flatten first")
-        value = _InplaceFusedLoss.apply(rows_logits, *args)
+    num_classes = rows_logits.shape[1]
+    if process_group is not None:
+        import torch.distributed as dist
+
+        num_classes *= dist.get_world_size(process_group)
+    if weight is not None:
+        weight = _check_class_vector("weight", weight, num_classes, logits.device)
+    if alpha is not None:
+        alpha = _check_class_vector("alpha", alpha, num_classes, logits.device)
+    params = _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
+    if process_group is not None:
+        if inplace_backward:
+            raise ValueError("inplace_backward: not supported together with process_group")
+        value, lse = _VocabParallelLoss.apply(rows_logits, rows_target, weight, loss, params, ignore_index,
+                                              reduction, process_group)
     else:
-        value, _ = torch.ops.ncfast.fused_loss(rows_logits, *args)
-    return value.reshape(sample_shape) if reduction == "none" else value
+        args = (rows_target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction,
+                lse_square_scale, softcap)
+        if inplace_backward:
+            if logits.dim() > 2:
+                raise ValueError("inplace_backward: supported for logits of shape (N, K) or (K,), "
+                                 f"got {tuple(logits.shape)}; move the class dimension last and flatten first")
+            value, lse = _InplaceFusedLoss.apply(rows_logits, *args)
+        else:
+            value, _, lse = torch.ops.ncfast.fused_loss(rows_logits, *args)
+    if reduction == "none":
+        value = value.reshape(sample_shape)
+    return (value, lse.reshape(sample_shape)) if return_lse else value
 
 
 def cross_entropy(
     logits: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
     reduction: str = "mean", label_smoothing: float = 0.0, inplace_backward: bool = False,
-) -> Tensor:
+    lse_square_scale: float = 0.0, softcap: Optional[float] = None, return_lse: bool = False,
+    process_group=None,
+):
     """Cross-entropy with label smoothing, fused with its gradient; a drop-in for
     :func:`torch.nn.functional.cross_entropy` with class-index targets.
 
-    ℓ_i = lse(z_i) − Σ_j q_j z_ij with q = (1−α)e_y + α/K (seed 002 eq. (3), (5)).
+    ℓ_i = lse(z_i) − Σ_j q_j z_ij with q = (1−α)e_y + α/K (seed 002 eq. (3), (5)), plus the
+    z-loss λ·lse(z_i)² when ``lse_square_scale`` = λ > 0.
 
     Args:
         logits: (N, K), (K,) or (N, K, d1, ...), float32/float64/bfloat16/float16.
@@ -339,13 +460,24 @@ def cross_entropy(
         label_smoothing: α in [0, 1).
         inplace_backward: write the gradient into ``logits``' storage (saves an N×K buffer;
             ``logits`` holds the gradient afterwards).
+        lse_square_scale: λ ≥ 0 of the z-loss λ·lse² (PaLM), which keeps the log-partition near 0.
+        softcap: if given (> 0), the logits are first capped to softcap·tanh(z/softcap) (Gemma 2).
+        return_lse: also return each sample's log-sum-exp (fp32; fp64 for fp64 logits; 0 for
+            ignored samples), as a tensor that does not take gradients.
+        process_group: a ``torch.distributed`` group across which the classes are split: each
+            rank passes its (N, K/world) slice of the logits, rank r holding columns
+            [r·K/world, (r+1)·K/world); targets and ``weight`` are global. Every rank gets the
+            loss of the full rows and the gradient of its slice (CPU: "cpp" or "torch" backend).
 
-    Returns: the loss, in the logits' dtype. A row with NaN or +inf among its logits has loss
-    and gradient NaN (as torch); −inf logits are masked classes (probability 0).
+    Returns: the loss, in the logits' dtype (and the lse with ``return_lse``). A row with NaN or
+    +inf among its logits has loss and gradient NaN (as torch); −inf logits are masked classes.
     """
     label_smoothing = _check_hyper("label_smoothing", label_smoothing, lambda a: 0 <= a < 1, "a value in [0, 1)")
+    lse_square_scale = _check_hyper("lse_square_scale", lse_square_scale, lambda v: v >= 0, "a finite value >= 0")
+    softcap = 0.0 if softcap is None else _check_hyper("softcap", softcap, lambda v: v > 0, "None or a finite value > 0")
     return _fused("cross_entropy", logits, target, weight, None, ignore_index, reduction, inplace_backward,
-                  label_smoothing=label_smoothing)
+                  return_lse=return_lse, process_group=process_group, label_smoothing=label_smoothing,
+                  lse_square_scale=lse_square_scale, softcap=softcap)
 
 
 def focal_loss(

@@ -9,9 +9,12 @@ from ncfast.reference.linear import linear_loss
 
 FUNCTIONS = {
     "cross_entropy": (ncfast.linear_cross_entropy, {"label_smoothing": 0.1}),
+    "cross_entropy_z_softcap": (ncfast.linear_cross_entropy, {"lse_square_scale": 1e-2, "softcap": 2.5}),
     "focal": (ncfast.linear_focal_loss, {"gamma": 1.5}),
     "rescaled_mse": (ncfast.linear_rescaled_mse, {"kappa": 2.0, "beta": 0.7}),
 }
+# The reference loss of each FUNCTIONS entry.
+REFERENCE_LOSS = {"cross_entropy_z_softcap": "cross_entropy"}
 # Loss and gradients of float32 inputs against the float64 reference, and of bfloat16 ones.
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 5e-2}
 
@@ -38,7 +41,7 @@ def _losses_and_grads(fn, reference_kwargs, loss, features, weight, bias, target
     leaves = [t.detach().requires_grad_(True) for t in (features, weight) + ((bias,) if bias is not None else ())]
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
     value = fn(leaves[0], leaves[1], leaves[2] if bias is not None else None, target, reduction=reduction, **kwargs)
-    ref = linear_loss(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias is not None else None, target, loss=loss,
+    ref = linear_loss(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias is not None else None, target, loss=REFERENCE_LOSS.get(loss, loss),
                       reduction=reduction, **reference_kwargs)
     upstream = torch.randn(ref.shape, dtype=torch.float64)
     grads = torch.autograd.grad((value.double() * upstream).sum(), leaves)
@@ -183,7 +186,7 @@ def test_opcheck():
     features, weight, bias, target = _problem(num_rows=9, dim=4, num_classes=6)
     for reduction, flags in (("mean", (True, True, True)), ("none", (False, False, False))):
         args = (features.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True), target, None,
-                None, "cross_entropy", 0.0, 0.0, 1.0, 0.0, -100, reduction, 4, None, *flags)
+                None, "cross_entropy", 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -100, reduction, 4, None, *flags)
         torch.library.opcheck(torch.ops.ncfast.fused_linear_loss, args)
 
 
@@ -240,5 +243,9 @@ def test_bad_hyperparameters():
         ncfast.linear_focal_loss(f, w, b, t, gamma=-1.0)
     with pytest.raises(ValueError, match="alpha"):
         ncfast.linear_focal_loss(f, w, b, t, alpha=torch.ones(3))
+    with pytest.raises(ValueError, match="lse_square_scale"):
+        ncfast.linear_cross_entropy(f, w, b, t, lse_square_scale=-1.0)
+    with pytest.raises(ValueError, match="softcap"):
+        ncfast.linear_cross_entropy(f, w, b, t, softcap=0.0)
     with pytest.raises(ValueError, match="kappa"):
         ncfast.linear_rescaled_mse(f, w, b, t, kappa=0.0)

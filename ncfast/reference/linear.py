@@ -9,7 +9,8 @@ from . import losses
 
 
 def linear_loss(features, weight, bias, target, loss="cross_entropy", class_weight=None, alpha=None,
-                ignore_index=-100, reduction="mean", label_smoothing=0.0, gamma=2.0, kappa=1.0, beta=1.0):
+                ignore_index=-100, reduction="mean", label_smoothing=0.0, gamma=2.0, kappa=1.0, beta=1.0,
+                lse_square_scale=0.0, softcap=None):
     """``<loss>(features @ weight.T + bias, target)`` with every logit materialised.
 
     features (N, d), weight (K, d), bias (K,) or None, target (N,); ``loss`` is one of
@@ -17,7 +18,8 @@ def linear_loss(features, weight, bias, target, loss="cross_entropy", class_weig
     reduction="none")."""
     logits = torch.nn.functional.linear(features, weight, bias)
     if loss == "cross_entropy":
-        rows = losses.cross_entropy_rows(logits, target, class_weight, ignore_index, label_smoothing)
+        rows = losses.cross_entropy_rows(logits, target, class_weight, ignore_index, label_smoothing, lse_square_scale,
+                                         softcap or 0.0)
     elif loss == "focal":
         rows = losses.focal_rows(logits, target, gamma, alpha, class_weight, ignore_index)
     else:

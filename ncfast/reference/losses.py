@@ -20,15 +20,26 @@ def _class_factor(weight, safe, keep, dtype):
     return factor
 
 
-def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0):
+def capped(logits, softcap=0.0):
+    """softcap·tanh(z/softcap) (Gemma 2's logit cap); the logits themselves when softcap is 0."""
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
+                       softcap=0.0):
     """ℓ = w_y (lse(z) − Σ_j q_j z_j), q = (1−α)e_y + α/K (seed 002 eq. (3)–(5)); with class
-    weights the smoothing term is (α/K) Σ_j w_j (lse − z_j), as in torch."""
+    weights the smoothing term is (α/K) Σ_j w_j (lse − z_j), as in torch. Optional z-loss
+    w_y λ lse², on the logits capped by softcap·tanh(z/softcap) when softcap > 0."""
+    logits = capped(logits, softcap)
     log_p = torch.log_softmax(logits, dim=1)
     log_p_y, keep, safe = _gather_target(log_p, target, ignore_index)
-    loss = -(1 - label_smoothing) * log_p_y * _class_factor(weight, safe, keep, logits.dtype)
+    row_weight = _class_factor(weight, safe, keep, logits.dtype)
+    loss = -(1 - label_smoothing) * log_p_y * row_weight
     if label_smoothing > 0:
         column_weight = 1.0 if weight is None else weight.to(logits.dtype)
         loss = loss - label_smoothing / logits.shape[1] * (log_p * column_weight).sum(dim=1)
+    if lse_square_scale > 0:
+        loss = loss + lse_square_scale * row_weight * torch.logsumexp(logits, dim=1) ** 2
     return torch.where(keep, loss, 0.0)
 
 
@@ -69,10 +80,22 @@ def reduce(rows, target, weight, ignore_index, reduction):
 
 
 def rows_and_grad(loss, logits, target, weight=None, alpha=None, ignore_index=-100, label_smoothing=0.0,
-                  gamma=2.0, kappa=1.0, beta=1.0):
-    """Per-row losses and their gradient ∂(Σ_i rows_i)/∂logits in closed form (SPEC §1's g
-    column), without autograd: the ``"torch"`` backend. Tests check it against autograd of
-    the ``*_rows`` functions above."""
+                  gamma=2.0, kappa=1.0, beta=1.0, lse_square_scale=0.0, softcap=0.0):
+    """Per-row losses, their gradient ∂(Σ_i rows_i)/∂logits in closed form (SPEC §1's g column)
+    and each row's lse (0 for ignored rows and the MSE), without autograd: the ``"torch"``
+    backend. Tests check it against autograd of the ``*_rows`` functions above."""
+    z = capped(logits, softcap)
+    rows, grad = _rows_and_grad(loss, z, target, weight, alpha, ignore_index, label_smoothing, gamma, kappa, beta,
+                                lse_square_scale)
+    keep = target != ignore_index
+    lse = torch.where(keep, torch.logsumexp(z, dim=1), 0.0) if loss != "rescaled_mse" else torch.zeros_like(rows)
+    if softcap:
+        grad = grad * (1 - (z / softcap) ** 2)
+    return rows, grad, lse
+
+
+def _rows_and_grad(loss, logits, target, weight, alpha, ignore_index, label_smoothing, gamma, kappa, beta,
+                   lse_square_scale):
     keep = target != ignore_index
     safe = torch.where(keep, target, torch.zeros_like(target))
     row_factor = _class_factor(weight, safe, keep, logits.dtype)  # w_y, 0 on ignored rows
@@ -85,10 +108,13 @@ def rows_and_grad(loss, logits, target, weight=None, alpha=None, ignore_index=-1
     p = torch.softmax(logits, dim=1)
     one_hot = is_target.to(logits.dtype)
     if loss == "cross_entropy":
-        rows = cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing)
+        rows = cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
         column_weight = logits.new_ones(logits.shape[1]) if weight is None else weight.to(logits.dtype)
         smoothing = label_smoothing / logits.shape[1] * (column_weight.sum() * p - column_weight)
         grad = (1 - label_smoothing) * row_factor[:, None] * (p - one_hot) + keep[:, None] * smoothing
+        if lse_square_scale > 0:
+            lse = torch.logsumexp(logits, dim=1)
+            grad = grad + (2 * lse_square_scale * row_factor * lse)[:, None] * p
         return rows, grad
     rows = focal_rows(logits, target, gamma, alpha, weight, ignore_index)
     log_p_y = torch.log_softmax(logits, dim=1).gather(1, safe[:, None])[:, 0]
