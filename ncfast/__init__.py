@@ -2,6 +2,7 @@
 
 from ._backend import available_backends, use_backend
 from .geometry import ETFClassifier, simplex_etf
+from .linear import linear_cross_entropy, linear_focal_loss, linear_rescaled_mse
 from .losses import (
     CrossEntropyLoss,
     FocalLoss,
@@ -30,6 +31,9 @@ __all__ = [
     "available_backends",
     "cross_entropy",
     "focal_loss",
+    "linear_cross_entropy",
+    "linear_focal_loss",
+    "linear_rescaled_mse",
     "nc_metrics",
     "optimal_objective",
     "rescaled_mse",

@@ -1,0 +1,365 @@
+"""Fused linear + loss (SPEC §2): ``<loss>(H Wᵀ + b, y)`` and its gradients for H, W and b
+without ever holding the (N, K) logits.
+
+The rows are processed in chunks of ``C`` rows, ``C`` chosen so that one chunk of logits fits
+a memory budget (:data:`CHUNK_MEMORY_BYTES` by default). Per chunk ``c``:
+
+1. ``Z_c = [H_c | 1] [W | b]ᵀ`` — one GEMM into a reused (C, K) buffer (the bias rides in
+   an extra column, so it costs no pass of its own);
+2. the fused loss kernel (``ncfast::fused_loss_``, C++ on CPU, Triton on CUDA) overwrites
+   ``Z_c`` with ``G_c = ∂ℓ/∂Z_c`` and returns the per-row losses;
+3. ``dH_c = G_c W`` (GEMM into the output rows) and ``[dW | db] += G_cᵀ [H_c | 1]`` (one
+   GEMM, accumulated: db comes out of the extra column).
+
+Extra memory is one chunk (C·K) plus the gradients themselves (N·d + K·d + K). The work is
+the three GEMMs the unfused computation needs (6·N·K·d flops; with a bias, two of them run on d + 1
+rounded up to 16 columns)
+plus one read and one write of each chunk by the loss kernel.
+
+Like Liger's and cut-cross-entropy's fused linear cross-entropy, the gradients are computed
+in the forward pass (where the chunk of logits exists anyway) and the backward pass only
+scales them by the incoming scalar gradient. For reduction="none" the incoming gradient is a
+vector u (one factor per row) and ``dW = Σ_i u_i G_iᵀ H_i`` cannot be formed before u is
+known, so the forward computes the losses only and the backward recomputes each chunk's
+logits and gradient, scales row i by u_i and runs the gradient GEMMs: 4 GEMMs instead of 3,
+and no (N, K) or (N, d) state kept between forward and backward.
+
+The "mean" divisor Σ_i w_{y_i} is a tensor applied to the finished gradients (N·d + K·d
+elements, cheap next to the GEMMs), so there is no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import losses
+from .reference import losses as reference
+
+#: Default memory budget for one chunk of logits, in bytes (per call; see ``chunk_memory``).
+CHUNK_MEMORY_BYTES = 256 * 2**20
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_memory: int = CHUNK_MEMORY_BYTES) -> int:
+    """Rows per chunk: as many as fit ``chunk_memory`` bytes of (rows, K) logits, at least one."""
+    per_row = num_classes * dtype.itemsize
+    return max(1, min(num_rows, chunk_memory // max(per_row, 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# the chunked computation (device-agnostic: torch GEMMs + the dispatched loss op)
+# --------------------------------------------------------------------------------------------
+def _bias_width(dim: int) -> int:
+    """Columns of [H | 1] and [W | b]: d + 1 rounded up to 16 elements, so that every row
+    starts 64-byte aligned (an odd leading dimension slows the BLAS kernels down)."""
+    return (dim + 1 + 15) // 16 * 16
+
+
+def _chunked(features, weight, bias, target, class_weight, alpha, loss, params, ignore_index, chunk,
+             row_scale, grad_features, grad_weight, grad_bias):
+    """Per-row losses (N,) in the accumulation dtype and the unscaled gradients
+    Σ_i u_i ∂(w_{y_i} ℓ_i) (u = ``row_scale`` or 1); a gradient not asked for is (0,).
+
+    With a bias the GEMMs run on [H_c | 1] and [W | b]: the logits GEMM adds b, and the dW
+    GEMM yields db in its extra column, instead of two more passes over each chunk."""
+    num_rows, dim = features.shape
+    num_classes = weight.shape[0]
+    dtype, device = features.dtype, features.device
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = torch.empty(num_rows, dtype=accumulate, device=device)
+    chunk = max(1, min(chunk, num_rows))
+    logits = torch.empty((chunk, num_classes), dtype=dtype, device=device)
+    if bias is None:
+        weight_ext, features_ext = weight, None
+    else:
+        weight_ext = weight.new_zeros((num_classes, _bias_width(dim)))
+        weight_ext[:, :dim] = weight
+        weight_ext[:, dim] = bias
+        features_ext = features.new_zeros((chunk, weight_ext.shape[1]))
+        features_ext[:, dim] = 1
+    # Distinct (0,) tensors: a custom op's outputs may not alias one another.
+    d_features = torch.empty_like(features) if grad_features else features.new_empty((0,))
+    # [dW | db], or db alone for a frozen W. Low-precision ones are summed over the chunks in
+    # fp32 (each chunk's GEMM rounds once).
+    if grad_weight:
+        d_weight_ext = torch.zeros(weight_ext.shape, dtype=accumulate, device=device)
+    elif grad_bias:
+        d_bias = torch.zeros(num_classes, dtype=accumulate, device=device)
+        ones = features.new_ones(chunk)
+    for start in range(0, num_rows, chunk):
+        stop = min(start + chunk, num_rows)
+        h = features[start:stop]
+        if features_ext is not None:
+            features_ext[: stop - start, :dim] = h
+            h = features_ext[: stop - start]
+        z = logits[: stop - start]
+        torch.mm(h, weight_ext.t(), out=z)
+        value, _ = torch.ops.ncfast.fused_loss_(
+            z, target[start:stop], class_weight, alpha, loss, params["label_smoothing"], params["gamma"],
+            params["kappa"], params["beta"], ignore_index, "none", params["lse_square_scale"], params["softcap"],
+        )
+        rows[start:stop] = value
+        if row_scale is not None:
+            z.mul_(row_scale[start:stop, None].to(dtype))
+        if grad_features:
+            torch.mm(z, weight, out=d_features[start:stop])
+        if grad_weight and accumulate == dtype:
+            d_weight_ext.addmm_(z.t(), h)
+        elif grad_weight:
+            d_weight_ext.add_(torch.mm(z.t(), h))
+        elif grad_bias:
+            d_bias.add_(torch.mv(z.t(), ones[: stop - start]))
+    d_weight = d_weight_ext[:, :dim].to(dtype).contiguous() if grad_weight else features.new_empty((0,))
+    if grad_bias:
+        d_bias = (d_weight_ext[:, dim] if grad_weight else d_bias).to(dtype).contiguous()
+    else:
+        d_bias = features.new_empty((0,))
+    return rows, d_features, d_weight, d_bias
+
+
+def _mean_divisor(target, class_weight, ignore_index, dtype):
+    return reference.total_weight(target, class_weight, ignore_index, dtype)
+
+
+@torch.library.custom_op("ncfast::fused_linear_loss", mutates_args=(), device_types=None)
+def fused_linear_loss(
+    features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, class_weight: Optional[Tensor],
+    alpha: Optional[Tensor], loss: str, label_smoothing: float, gamma: float, kappa: float, beta: float,
+    lse_square_scale: float, softcap: float, ignore_index: int, reduction: str, chunk: int, row_scale: Optional[Tensor],
+    grad_features: bool, grad_weight: bool, grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, dH, dW, db)``: the reduced loss of ``<loss>(H Wᵀ + b, y)`` and its gradients
+    (each (0,) unless its ``grad_*`` flag is set), computed ``chunk`` rows at a time.
+
+    With ``row_scale`` u (N,) the gradients are those of Σ_i u_i ℓ_i (the backward of
+    reduction="none"); otherwise those of the reduced loss."""
+    if target.device.type == "cpu":  # here for the global row index; on CUDA it would sync
+        losses._check_target_values(target, weight.shape[0], ignore_index)
+    params = losses._params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
+    rows, d_features, d_weight, d_bias = _chunked(
+        features, weight, bias, target, class_weight, alpha, loss, params, ignore_index, chunk,
+        row_scale, grad_features, grad_weight, grad_bias,
+    )
+    if reduction == "none":
+        return rows.to(features.dtype), d_features, d_weight, d_bias
+    value = rows.sum()
+    if reduction == "mean":
+        total = _mean_divisor(target, class_weight, ignore_index, rows.dtype)
+        value = value / total
+        # No counted row: loss NaN (0/0) but gradient 0, as torch; a tensor select, no sync.
+        scale = torch.where(total == 0, 0.0, 1.0 / total)
+        for grad in (d_features, d_weight, d_bias):
+            grad.mul_(scale.to(grad.dtype))
+    return value.to(features.dtype), d_features, d_weight, d_bias
+
+
+@fused_linear_loss.register_fake
+def _(features, weight, bias, target, class_weight, alpha, loss, label_smoothing, gamma, kappa, beta,
+      lse_square_scale, softcap, ignore_index, reduction, chunk, row_scale, grad_features, grad_weight, grad_bias):
+    value = features.new_empty((features.shape[0],) if reduction == "none" else ())
+    return (
+        value,
+        torch.empty_like(features) if grad_features else features.new_empty((0,)),
+        torch.empty_like(weight) if grad_weight else features.new_empty((0,)),
+        features.new_empty((weight.shape[0],)) if grad_bias else features.new_empty((0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    # The gradient outputs are non-differentiable: no zero-filled (N, d)/(K, d) grads for them.
+    ctx.set_materialize_grads(False)
+    ctx.reduction = inputs[14]
+    if ctx.reduction == "none":
+        ctx.arguments = inputs[4:16]
+        ctx.has_bias = inputs[2] is not None
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3])
+    else:
+        ctx.computed = inputs[17:20]
+        ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_grads_of_grads):
+    if grad_loss is None:  # not materialised: nothing flows back
+        return (None,) * 20
+    if ctx.reduction == "none":
+        features, weight, bias, target = ctx.saved_tensors
+        computed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
+        _, *grads = torch.ops.ncfast.fused_linear_loss(features, weight, bias, target, *ctx.arguments, grad_loss,
+                                                       *computed)
+    else:
+        # A new tensor, not an in-place scaling: the graph may be run again (retain_graph). It
+        # is N·d + K·d elements, nothing next to the GEMMs, so there is no shortcut for 1.
+        computed = ctx.computed
+        grads = [grad * grad_loss for grad in ctx.saved_tensors]
+    grads = tuple(grad if needed else None for grad, needed in zip(grads, computed))
+    return grads + (None,) * 17
+
+
+torch.library.register_autograd("ncfast::fused_linear_loss", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def _check_matrix(name: str, tensor, shape_text: str) -> Tensor:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape {shape_text}, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32, float64, bfloat16 or float16, got {tensor.dtype}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name}: expected shape {shape_text}, got {tuple(tensor.shape)}")
+    return tensor
+
+
+def _check_same(name: str, tensor: Tensor, features: Tensor) -> None:
+    if tensor.dtype != features.dtype:
+        raise TypeError(f"{name}: has dtype {tensor.dtype} but features have {features.dtype}; cast one of them")
+    if tensor.device != features.device:
+        raise ValueError(f"{name}: is on {tensor.device} but features are on {features.device}")
+
+
+def _check_class_vector(name: str, vector, num_classes: int, device: torch.device) -> Tensor:
+    if not isinstance(vector, Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape (K,) or None, got {type(vector).__name__}")
+    if not vector.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {vector.dtype}")
+    if vector.shape != (num_classes,):
+        raise ValueError(f"{name}: expected shape ({num_classes},) (one entry per class), got {tuple(vector.shape)}")
+    if vector.device != device:
+        raise ValueError(f"{name}: is on {vector.device} but features are on {device}")
+    return vector
+
+
+def _linear_loss(loss, features, weight, bias, target, class_weight, alpha, ignore_index, reduction, chunk_memory,
+                 **params) -> Tensor:
+    features = _check_matrix("features", features, "(N, d)")
+    weight = _check_matrix("weight", weight, "(K, d)")
+    _check_same("weight", weight, features)
+    if weight.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"weight: expected shape (K, {features.shape[1]}) to match features of shape {tuple(features.shape)}, "
+            f"got {tuple(weight.shape)}"
+        )
+    num_rows, num_classes = features.shape[0], weight.shape[0]
+    if num_classes == 0:
+        raise ValueError("weight: the class dimension is empty (K = 0)")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias: expected a tensor of shape (K,) or None, got {type(bias).__name__}")
+        _check_same("bias", bias, features)
+        if bias.shape != (num_classes,):
+            raise ValueError(f"bias: expected shape ({num_classes},) (one entry per row of weight), got {tuple(bias.shape)}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target: expected a tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target: expected integer class indices, got {target.dtype}")
+    if target.shape != (num_rows,):
+        raise ValueError(f"target: expected shape ({num_rows},) for features of shape {tuple(features.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if target.device != features.device:
+        raise ValueError(f"target: is on {target.device} but features are on {features.device}")
+    if reduction not in losses.REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {losses.REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if isinstance(chunk_memory, bool) or not isinstance(chunk_memory, int):
+        raise TypeError(f"chunk_memory: expected an int (bytes), got {type(chunk_memory).__name__}")
+    if chunk_memory <= 0:
+        raise ValueError(f"chunk_memory: expected a positive number of bytes, got {chunk_memory}")
+    if class_weight is not None:
+        class_weight = _check_class_vector("class_weight", class_weight, num_classes, features.device)
+    if alpha is not None:
+        alpha = _check_class_vector("alpha", alpha, num_classes, features.device)
+    target = target.to(torch.int64)
+    features, weight = features.contiguous(), weight.contiguous()
+    chunk = chunk_rows(num_rows, num_classes, features.dtype, chunk_memory)
+    grad_on = torch.is_grad_enabled() and reduction != "none"
+    value, *_ = torch.ops.ncfast.fused_linear_loss(
+        features, weight, bias, target, class_weight, alpha, loss, params.get("label_smoothing", 0.0),
+        params.get("gamma", 0.0), params.get("kappa", 1.0), params.get("beta", 0.0),
+        params.get("lse_square_scale", 0.0), params.get("softcap", 0.0), ignore_index, reduction,
+        chunk, None, grad_on and features.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    return value
+
+
+def linear_cross_entropy(
+    features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, class_weight: Optional[Tensor] = None,
+    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0, softcap: Optional[float] = None, chunk_memory: int = CHUNK_MEMORY_BYTES,
+) -> Tensor:
+    """``cross_entropy(features @ weight.T + bias, target)`` without materialising the logits.
+
+    ℓ_i = lse(z_i) − Σ_j q_j z_ij, z_i = W h_i + b, q = (1−α)e_y + α/K (seed 002 eq. (3), (5)).
+
+    Args:
+        features: (N, d) penultimate features H, float32/float64/bfloat16/float16.
+        weight: (K, d) classifier W, same dtype and device.
+        bias: (K,) or None.
+        target: (N,) integer class indices in [0, K) or ``ignore_index``.
+        class_weight: optional (K,) class weights (``weight=`` of :func:`ncfast.cross_entropy`).
+        ignore_index, reduction, label_smoothing, lse_square_scale (z-loss), softcap: as
+            :func:`ncfast.cross_entropy` (``return_lse`` and ``process_group`` are not offered here).
+        chunk_memory: bytes of logits held at once; rows per chunk = chunk_memory // (K · itemsize).
+
+    Returns: the loss in the features' dtype ((N,) for reduction="none"); differentiable in
+    features, weight and bias. Extra memory: one chunk of logits plus the gradients.
+    """
+    label_smoothing = losses._check_hyper("label_smoothing", label_smoothing, lambda a: 0 <= a < 1, "a value in [0, 1)")
+    lse_square_scale = losses._check_hyper("lse_square_scale", lse_square_scale, lambda v: v >= 0, "a finite value >= 0")
+    softcap = 0.0 if softcap is None else losses._check_hyper("softcap", softcap, lambda v: v > 0,
+                                                              "None or a finite value > 0")
+    return _linear_loss("cross_entropy", features, weight, bias, target, class_weight, None, ignore_index, reduction,
+                        chunk_memory, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                        softcap=softcap)
+
+
+def linear_focal_loss(
+    features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, gamma: float = 2.0,
+    alpha: Union[None, float, Sequence[float], Tensor] = None, class_weight: Optional[Tensor] = None,
+    ignore_index: int = -100, reduction: str = "mean", chunk_memory: int = CHUNK_MEMORY_BYTES,
+) -> Tensor:
+    """``focal_loss(features @ weight.T + bias, target)`` without materialising the logits:
+    ℓ_i = −α_{y_i} (1−p_{y_i})^γ log p_{y_i} (seed 002 eq. (6)).
+
+    Args:
+        features, weight, bias, target, class_weight, ignore_index, reduction, chunk_memory:
+            as :func:`linear_cross_entropy`.
+        gamma, alpha: as :func:`ncfast.focal_loss`.
+    """
+    gamma = losses._check_hyper("gamma", gamma, lambda g: g >= 0, "a finite value >= 0")
+    if alpha is not None and not isinstance(alpha, Tensor):
+        num_classes = weight.shape[0] if isinstance(weight, Tensor) else 0
+        device = weight.device if isinstance(weight, Tensor) else None
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            alpha = losses._check_hyper("alpha", alpha, lambda a: True, "a finite value")
+            alpha = torch.full((num_classes,), alpha, dtype=torch.float64, device=device)
+        else:
+            alpha = torch.as_tensor(alpha, dtype=torch.float64, device=device)
+    return _linear_loss("focal", features, weight, bias, target, class_weight, alpha, ignore_index, reduction,
+                        chunk_memory, gamma=gamma)
+
+
+def linear_rescaled_mse(
+    features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, kappa: float = 1.0, beta: float = 1.0,
+    class_weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+    chunk_memory: int = CHUNK_MEMORY_BYTES,
+) -> Tensor:
+    """``rescaled_mse(features @ weight.T + bias, target)`` without materialising the logits:
+    ℓ_i = κ(z_{i,y} − β)² + Σ_{j≠y} z_ij² (seed 002 eq. (6); seed 000 eq. (4)).
+
+    Args:
+        features, weight, bias, target, class_weight, ignore_index, reduction, chunk_memory:
+            as :func:`linear_cross_entropy`.
+        kappa, beta: as :func:`ncfast.rescaled_mse`.
+    """
+    kappa = losses._check_hyper("kappa", kappa, lambda k: k > 0, "a finite value > 0")
+    beta = losses._check_hyper("beta", beta, lambda b: True, "a finite value")
+    return _linear_loss("rescaled_mse", features, weight, bias, target, class_weight, None, ignore_index, reduction,
+                        chunk_memory, kappa=kappa, beta=beta)
