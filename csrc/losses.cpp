@@ -13,6 +13,8 @@
 // split across processes (vocabulary parallelism), `loss_row_stats` runs the first on each
 // process's slice, the caller combines the statistics over processes, and
 // `loss_from_stats` runs the other two, recomputing exp(z - max) from the global max.
+#include <xmmintrin.h>
+
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -69,10 +71,14 @@ struct Slice {
   int64_t total;        // K over all processes
 };
 
-// One row's statistics over its local columns; exp(z - max) goes to `e` when it is given.
+// The block of columns that the statistics and gradient sweeps work on at a time (fits L1).
+constexpr int64_t kRowBlock = 4096;
+
+// One row's statistics over its local columns. When `e` is given, it receives exp(z_j - m_b)
+// and `block_ref[b]` the running max m_b it was taken against, for each block b.
 template <bool kCap, bool kColumnWeights, typename T, typename A>
 NCFAST_INLINE RowStats<A> row_stats(const T* z, int64_t y_local, const Slice& slice, const double* u, int kind,
-                                    A cap, A inv_cap, A* e) {
+                                    A cap, A inv_cap, A* e, A* block_ref) {
   const int64_t K = slice.num_classes;
   RowStats<A> s{0, 0, 0, 0, 0};
   const bool local_target = 0 <= y_local && y_local < K;
@@ -90,32 +96,46 @@ NCFAST_INLINE RowStats<A> row_stats(const T* z, int64_t y_local, const Slice& sl
     s.has_nan = has_nan;
     return s;
   }
-  A max = -std::numeric_limits<A>::infinity(), weighted_sum = 0;
+  // One pass, a cache-resident block at a time: the block's max, then its exp against the
+  // running max, so that the logits are read from memory once while the exp is computed. A
+  // stored exp(z - m_block) is brought to the final max later by one multiply per block.
+  const A minus_inf = -std::numeric_limits<A>::infinity();
+  A max = minus_inf, weighted_sum = 0, sumexp = 0;
   int has_nan = 0;
-#pragma omp simd reduction(max : max) reduction(| : has_nan) reduction(+ : weighted_sum)
-  for (int64_t j = 0; j < K; ++j) {
-    A zj = load_logit<kCap>(z[j], cap, inv_cap);
-    max = zj > max ? zj : max;
-    has_nan |= (zj != zj);
-    if constexpr (kColumnWeights) {
-      weighted_sum += static_cast<A>(u[j]) * zj;
-    } else {
-      weighted_sum += zj;
+  for (int64_t start = 0, b = 0; start < K; start += kRowBlock, ++b) {
+    const int64_t n = std::min(kRowBlock, K - start);
+    const T* zb = z + start;
+    A block_max = minus_inf;
+#pragma omp simd reduction(max : block_max) reduction(| : has_nan) reduction(+ : weighted_sum)
+    for (int64_t j = 0; j < n; ++j) {
+      A zj = load_logit<kCap>(zb[j], cap, inv_cap);
+      block_max = zj > block_max ? zj : block_max;
+      has_nan |= (zj != zj);
+      if constexpr (kColumnWeights) {
+        weighted_sum += static_cast<A>(u[start + j]) * zj;
+      } else {
+        weighted_sum += zj;
+      }
     }
-  }
-  A sumexp = 0;
-  if (max > -std::numeric_limits<A>::infinity()) {  // an all -inf slice adds nothing
+    if (block_max > max) {
+      if (max > minus_inf) sumexp *= vexp(max - block_max);
+      max = block_max;
+    }
+    if (e) block_ref[b] = max;
+    if (max == minus_inf) continue;  // all -inf so far: nothing to add
+    A block_sum = 0;
     if (e) {
-#pragma omp simd reduction(+ : sumexp)
-      for (int64_t j = 0; j < K; ++j) {
-        A ej = vexp(load_logit<kCap>(z[j], cap, inv_cap) - max);
-        e[j] = ej;
-        sumexp += ej;
+#pragma omp simd reduction(+ : block_sum)
+      for (int64_t j = 0; j < n; ++j) {
+        A ej = vexp(load_logit<kCap>(zb[j], cap, inv_cap) - max);
+        e[start + j] = ej;
+        block_sum += ej;
       }
     } else {
-#pragma omp simd reduction(+ : sumexp)
-      for (int64_t j = 0; j < K; ++j) sumexp += vexp(load_logit<kCap>(z[j], cap, inv_cap) - max);
+#pragma omp simd reduction(+ : block_sum)
+      for (int64_t j = 0; j < n; ++j) block_sum += vexp(load_logit<kCap>(zb[j], cap, inv_cap) - max);
     }
+    sumexp += block_sum;
   }
   s.max = max;
   s.sumexp = sumexp;
@@ -196,37 +216,63 @@ NCFAST_INLINE RowResult<A> row_result(const RowStats<A>& s, const LossOptions& o
 // Where v_j comes from in the gradient sweep.
 enum class Values { stored_exp, recomputed_exp, logits };
 
+// Copies a block of finished gradient values to the gradient row. fp32 rows that are 16-byte
+// aligned are written with streaming stores: the gradient is not read again here, so fetching
+// its lines into the cache first (a write-allocate) would add half again to the memory traffic.
+NCFAST_INLINE void store_block(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+  if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    for (; j + 4 <= n; j += 4) _mm_stream_ps(dst + j, _mm_load_ps(src + j));
+  }
+  for (; j < n; ++j) dst[j] = src[j];
+}
+template <typename T, typename A>
+NCFAST_INLINE void store_block(T* dst, const A* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = from_acc<T>(src[j]);
+}
+
+// g_j = (a·v_j + c·u_j)·cap'(z_j), with g_y = grad_target·cap'(z_y), computed a cache-resident
+// block at a time and stored once.
 template <Values kValues, bool kCap, bool kColumnWeights, typename T, typename A>
-NCFAST_INLINE void write_gradient(T* g, const T* z, const A* e, const double* u, int64_t K, A max, A ga, A gc, A cap,
-                                  A inv_cap) {
+NCFAST_INLINE void write_gradient(T* g, const T* z, const A* e, const A* block_ref, const double* u, int64_t K,
+                                  int64_t y_local, A grad_target, A max, A ga, A gc, A cap, A inv_cap) {
+  alignas(64) A block[kRowBlock];
+  for (int64_t start = 0, b = 0; start < K; start += kRowBlock, ++b) {
+    const int64_t n = std::min(kRowBlock, K - start);
+    A ga_block = ga;
+    if constexpr (kValues == Values::stored_exp) ga_block = ga * vexp(block_ref[b] - max);
 #pragma omp simd
-  for (int64_t j = 0; j < K; ++j) {
-    A v, zj = 0;
-    if constexpr (kCap || kValues != Values::stored_exp) zj = load_logit<kCap>(z[j], cap, inv_cap);
-    if constexpr (kValues == Values::stored_exp) {
-      v = e[j];
-    } else if constexpr (kValues == Values::recomputed_exp) {
-      v = vexp(zj - max);
-    } else {
-      v = zj;
+    for (int64_t j = 0; j < n; ++j) {
+      A v, zj = 0;
+      if constexpr (kCap || kValues != Values::stored_exp) zj = load_logit<kCap>(z[start + j], cap, inv_cap);
+      if constexpr (kValues == Values::stored_exp) {
+        v = e[start + j];
+      } else if constexpr (kValues == Values::recomputed_exp) {
+        v = vexp(zj - max);
+      } else {
+        v = zj;
+      }
+      A gj;
+      if constexpr (kColumnWeights) {
+        gj = ga_block * v + gc * static_cast<A>(u[start + j]);
+      } else {
+        gj = ga_block * v + gc;
+      }
+      block[j] = gj * cap_derivative<kCap>(zj, inv_cap);
     }
-    A gj;
-    if constexpr (kColumnWeights) {
-      gj = ga * v + gc * static_cast<A>(u[j]);
-    } else {
-      gj = ga * v + gc;
-    }
-    g[j] = from_acc<T>(gj * cap_derivative<kCap>(zj, inv_cap));
+    if (start <= y_local && y_local < start + n) block[y_local - start] = grad_target;
+    store_block(g + start, block, n);
   }
 }
 
 template <Values kValues, bool kCap, typename T, typename A>
-NCFAST_INLINE void write_gradient_for(bool column_weights, T* g, const T* z, const A* e, const double* u, int64_t K,
-                                      A max, A ga, A gc, A cap, A inv_cap) {
+NCFAST_INLINE void write_gradient_for(bool column_weights, T* g, const T* z, const A* e, const A* block_ref,
+                                      const double* u, int64_t K, int64_t y_local, A grad_target, A max, A ga, A gc,
+                                      A cap, A inv_cap) {
   if (column_weights) {
-    write_gradient<kValues, kCap, true>(g, z, e, u, K, max, ga, gc, cap, inv_cap);
+    write_gradient<kValues, kCap, true>(g, z, e, block_ref, u, K, y_local, grad_target, max, ga, gc, cap, inv_cap);
   } else {
-    write_gradient<kValues, kCap, false>(g, z, e, u, K, max, ga, gc, cap, inv_cap);
+    write_gradient<kValues, kCap, false>(g, z, e, block_ref, u, K, y_local, grad_target, max, ga, gc, cap, inv_cap);
   }
 }
 
@@ -283,15 +329,16 @@ NCFAST_INLINE void loss_rows_impl(const LossArgs<T>& args, int64_t begin, int64_
       continue;
     }
     RowStats<A> s;
-    A* e = nullptr;
+    A *e = nullptr, *block_ref = nullptr;
     if constexpr (kPhase == Phase::from_stats) {
       s = {stats[0], stats[1], stats[2], stats[3], stats[4]};
     } else {
-      // For fp32/fp64 exp(z - max) is stored in the gradient buffer itself (safe when it aliases
-      // the logits: each element is read before it is overwritten).
-      if constexpr (kPhase == Phase::fused) e = scratch ? scratch : reinterpret_cast<A*>(args.grad + i * args.grad_stride);
-      s = column_weights ? row_stats<kCap, true>(z, y_local, slice, u, opt.kind, cap, inv_cap, e)
-                         : row_stats<kCap, false>(z, y_local, slice, u, opt.kind, cap, inv_cap, e);
+      if constexpr (kPhase == Phase::fused) {
+        e = scratch;  // exp(z - m_b), kept in cache for the gradient sweep
+        block_ref = scratch ? scratch + K : nullptr;
+      }
+      s = column_weights ? row_stats<kCap, true>(z, y_local, slice, u, opt.kind, cap, inv_cap, e, block_ref)
+                         : row_stats<kCap, false>(z, y_local, slice, u, opt.kind, cap, inv_cap, e, block_ref);
       if constexpr (kPhase == Phase::stats) {
         stats[0] = s.max;
         stats[1] = s.sumexp;
@@ -309,15 +356,17 @@ NCFAST_INLINE void loss_rows_impl(const LossArgs<T>& args, int64_t begin, int64_
       const A scale = static_cast<A>(args.grad_scale);
       T* g = args.grad + i * args.grad_stride;
       const A ga = scale * r.a, gc = scale * r.c;
+      // y_local outside [0, K): the target's column lives on another process.
+      const A gy = local_target ? scale * r.grad_target * cap_derivative<kCap>(s.target_logit, inv_cap) : A(0);
       if (opt.kind == kRescaledMSE) {
-        write_gradient_for<Values::logits, kCap>(column_weights, g, z, e, u, K, s.max, ga, gc, cap, inv_cap);
+        write_gradient_for<Values::logits, kCap>(column_weights, g, z, e, block_ref, u, K, y_local, gy, s.max, ga, gc, cap,
+                                                 inv_cap);
       } else if (kPhase == Phase::fused) {
-        write_gradient_for<Values::stored_exp, kCap>(column_weights, g, z, e, u, K, s.max, ga, gc, cap, inv_cap);
+        write_gradient_for<Values::stored_exp, kCap>(column_weights, g, z, e, block_ref, u, K, y_local, gy, s.max, ga, gc, cap,
+                                                     inv_cap);
       } else {
-        write_gradient_for<Values::recomputed_exp, kCap>(column_weights, g, z, e, u, K, s.max, ga, gc, cap, inv_cap);
-      }
-      if (local_target) {
-        g[y_local] = from_acc<T>(scale * r.grad_target * cap_derivative<kCap>(s.target_logit, inv_cap));
+        write_gradient_for<Values::recomputed_exp, kCap>(column_weights, g, z, e, block_ref, u, K, y_local, gy, s.max, ga, gc,
+                                                         cap, inv_cap);
       }
       args.row_loss[i] = r.loss;
       if (args.row_lse) args.row_lse[i] = r.lse;
@@ -423,8 +472,9 @@ void run_rows(const LossArgs<T>& args, RowsFn<T> fn, bool need_scratch, int num_
     t = omp_get_thread_num();
     nt = omp_get_num_threads();
 #endif
-    std::vector<A> scratch(need_scratch ? K : 0);
+    std::vector<A> scratch(need_scratch ? K + (K + kRowBlock - 1) / kRowBlock : 0);
     fn(args, N * t / nt, N * (t + 1) / nt, need_scratch ? scratch.data() : nullptr);
+    _mm_sfence();  // the streaming stores are visible before the caller reads the gradient
   }
 }
 
@@ -509,10 +559,9 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
   if (entry == Entry::forward) total_weight = counted_weight;
   args.grad_scale = mean ? 1.0 / total_weight : 1.0;
   const RowsFns<T> fns = rows_fns<T>();
-  // exp(z - max) lives in an fp32 scratch row for 16-bit logits, and with a softcap, whose
-  // derivative re-reads the logits (which an in-place gradient buffer would have overwritten).
-  const bool scratch = entry == Entry::forward && call.kind != kRescaledMSE &&
-                       (!std::is_same<T, A>::value || call.softcap > 0);
+  // exp(z - max) lives in a per-thread scratch row (cache-resident), not in the gradient
+  // buffer, so that the gradient is written exactly once.
+  const bool scratch = entry == Entry::forward && call.kind != kRescaledMSE;
   run_rows<T>(args, entry == Entry::forward ? fns.fused : entry == Entry::stats ? fns.stats : fns.from_stats,
               scratch, num_threads);
   return total_weight;

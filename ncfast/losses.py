@@ -190,6 +190,7 @@ class _VocabParallelLoss(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return value, lse
 
     @staticmethod
@@ -297,12 +298,14 @@ def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, 
     return logits.new_empty((logits.shape[0],) if reduction == "none" else ()), _new_lse(logits)
 
 
-def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bool) -> Tensor:
+def _scale_gradient(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, inplace: bool) -> Optional[Tensor]:
     """grad · grad_loss. The usual ``loss.backward()`` passes exactly 1: then the stored
     gradient is returned as it is, with no pass over N×K (checked on CPU only: no host sync on
     CUDA). Otherwise the product is a new tensor, so that the graph can be run again
     (``retain_graph``, gradcheck) — except with ``inplace_backward``, which scales in place
     (a second backward then raises, since the stored gradient's version changed)."""
+    if grad_loss is None:  # the loss itself took no part in what is differentiated
+        return None
     factor = grad_loss[:, None] if reduction == "none" else grad_loss
     if (reduction != "none" and grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
             and float(grad_loss) == 1.0):
@@ -316,6 +319,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[10]
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no N×K zeros for the outputs without gradient
 
 
 def _backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
@@ -338,6 +342,7 @@ class _InplaceFusedLoss(torch.autograd.Function):
         ctx.reduction = args[9]
         ctx.save_for_backward(logits)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return value, lse
 
     @staticmethod
