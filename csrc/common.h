@@ -116,6 +116,22 @@ View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsi
 // The number of threads a kernel may use, as the caller asked (torch.get_num_threads()).
 inline int thread_count(int requested) { return requested > 0 ? requested : 1; }
 
+// Splits [0, n) into `threads` contiguous ranges, one per OpenMP thread, and runs
+// body(begin, end) on each. The split depends only on n and the thread count actually
+// granted, and callers make each item's result independent of it (deterministic output).
+template <typename Body>
+void parallel_ranges(int64_t n, int threads, Body&& body) {
+#pragma omp parallel num_threads(threads)
+  {
+    int t = 0, nt = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    nt = omp_get_num_threads();
+#endif
+    body(n * t / nt, n * (t + 1) / nt);
+  }
+}
+
 void register_losses(py::module_& m);
 void register_ncstats(py::module_& m);
 

@@ -465,17 +465,11 @@ void run_rows(const LossArgs<T>& args, RowsFn<T> fn, bool need_scratch, int num_
   // Below ~64K logits a thread costs more than it saves.
   const int64_t work_threads = std::max<int64_t>(1, (N * K) / 65536);
   const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, N}));
-#pragma omp parallel num_threads(threads)
-  {
-    int t = 0, nt = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
+  parallel_ranges(N, threads, [&](int64_t begin, int64_t end) {
     std::vector<A> scratch(need_scratch ? K + (K + kRowBlock - 1) / kRowBlock : 0);
-    fn(args, N * t / nt, N * (t + 1) / nt, need_scratch ? scratch.data() : nullptr);
+    fn(args, begin, end, need_scratch ? scratch.data() : nullptr);
     _mm_sfence();  // the streaming stores are visible before the caller reads the gradient
-  }
+  });
 }
 
 // The arguments every entry point shares, checked and turned into LossArgs.

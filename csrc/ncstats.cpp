@@ -184,15 +184,7 @@ void run_moments(const View& features, const View& target, const double* counts,
     // parallel region waits for its slowest thread.
     const int64_t work_threads = std::max<int64_t>(1, (features.rows * features.cols) >> 22);
     const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, blocks}));
-#pragma omp parallel num_threads(threads)
-    {
-      int t = 0, nt = 1;
-#ifdef _OPENMP
-      t = omp_get_thread_num();
-      nt = omp_get_num_threads();
-#endif
-      blocks_fn(a, blocks * t / nt, blocks * (t + 1) / nt);
-    }
+    parallel_ranges(blocks, threads, [&](int64_t begin, int64_t end) { blocks_fn(a, begin, end); });
     // Fixed block order: the same sum for any thread count.
     for (int64_t k = 0; k < classes; ++k) {
       double total = 0.0;

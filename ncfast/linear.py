@@ -223,18 +223,6 @@ def _check_same(name: str, tensor: Tensor, features: Tensor) -> None:
         raise ValueError(f"{name}: is on {tensor.device} but features are on {features.device}")
 
 
-def _check_class_vector(name: str, vector, num_classes: int, device: torch.device) -> Tensor:
-    if not isinstance(vector, Tensor):
-        raise TypeError(f"{name}: expected a tensor of shape (K,) or None, got {type(vector).__name__}")
-    if not vector.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {vector.dtype}")
-    if vector.shape != (num_classes,):
-        raise ValueError(f"{name}: expected shape ({num_classes},) (one entry per class), got {tuple(vector.shape)}")
-    if vector.device != device:
-        raise ValueError(f"{name}: is on {vector.device} but features are on {device}")
-    return vector
-
-
 def _linear_loss(loss, features, weight, bias, target, class_weight, alpha, ignore_index, reduction, chunk_memory,
                  **params) -> Tensor:
     features = _check_matrix("features", features, "(N, d)")
@@ -272,9 +260,9 @@ def _linear_loss(loss, features, weight, bias, target, class_weight, alpha, igno
     if chunk_memory <= 0:
         raise ValueError(f"chunk_memory: expected a positive number of bytes, got {chunk_memory}")
     if class_weight is not None:
-        class_weight = _check_class_vector("class_weight", class_weight, num_classes, features.device)
+        class_weight = losses._check_class_vector("class_weight", class_weight, num_classes, features.device, "features")
     if alpha is not None:
-        alpha = _check_class_vector("alpha", alpha, num_classes, features.device)
+        alpha = losses._check_class_vector("alpha", alpha, num_classes, features.device, "features")
     target = target.to(torch.int64)
     features, weight = features.contiguous(), weight.contiguous()
     chunk = chunk_rows(num_rows, num_classes, features.dtype, chunk_memory)

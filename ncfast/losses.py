@@ -187,16 +187,12 @@ class _VocabParallelLoss(torch.autograd.Function):
         lse = torch.empty(logits.shape[0], dtype=_accumulation_dtype(logits.dtype), device=logits.device)
         value = _vocab_parallel_forward(logits, target, weight, grad, lse, loss, params, ignore_index, reduction,
                                         group)
-        ctx.reduction = reduction
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
+        _keep_gradient(ctx, grad, reduction, lse)
         return value, lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        (grad,) = ctx.saved_tensors
-        return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=False),) + (None,) * 7
+        return _stored_gradient(ctx, grad_loss, inplace=False, other_inputs=7)
 
 
 class _GradientWorkspace:
@@ -315,16 +311,26 @@ def _scale_gradient(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, i
     return grad * factor
 
 
+def _keep_gradient(ctx, grad: Tensor, reduction: str, *without_gradient: Tensor) -> None:
+    """Saves the forward's gradient for the backward. The other outputs (the lse, the gradient
+    output of the functional op) take no gradient, and autograd need not fill zeros for them."""
+    ctx.reduction = reduction
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(*without_gradient)
+    ctx.set_materialize_grads(False)
+
+
+def _stored_gradient(ctx, grad_loss, inplace: bool, other_inputs: int) -> tuple:
+    (grad,) = ctx.saved_tensors
+    return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace),) + (None,) * other_inputs
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[10]
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)  # no N×K zeros for the outputs without gradient
+    _keep_gradient(ctx, output[1], inputs[10], output[1], output[2])
 
 
 def _backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
-    (grad,) = ctx.saved_tensors
-    return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=False),) + (None,) * 12
+    return _stored_gradient(ctx, grad_loss, inplace=False, other_inputs=12)
 
 
 torch.library.register_autograd("ncfast::fused_loss", _backward, setup_context=_setup_context)
@@ -339,16 +345,12 @@ class _InplaceFusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, *args):
         value, lse = torch.ops.ncfast.fused_loss_(logits, *args)
-        ctx.reduction = args[9]
-        ctx.save_for_backward(logits)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
+        _keep_gradient(ctx, logits, args[9], lse)
         return value, lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        (grad,) = ctx.saved_tensors
-        return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=True),) + (None,) * 12
+        return _stored_gradient(ctx, grad_loss, inplace=True, other_inputs=12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +365,8 @@ def _check_hyper(name: str, value: float, ok, expected: str) -> float:
     return value
 
 
-def _check_class_vector(name: str, vector: Tensor, num_classes: int, device: torch.device) -> Tensor:
+def _check_class_vector(name: str, vector: Tensor, num_classes: int, device: torch.device,
+                        main_input: str = "logits") -> Tensor:
     if not isinstance(vector, Tensor):
         raise TypeError(f"{name}: expected a tensor of shape (K,) or None, got {type(vector).__name__}")
     if not vector.is_floating_point():
@@ -371,7 +374,7 @@ def _check_class_vector(name: str, vector: Tensor, num_classes: int, device: tor
     if vector.shape != (num_classes,):
         raise ValueError(f"{name}: expected shape ({num_classes},) (one entry per class), got {tuple(vector.shape)}")
     if vector.device != device:
-        raise ValueError(f"{name}: is on {vector.device} but logits are on {device}")
+        raise ValueError(f"{name}: is on {vector.device} but {main_input} are on {device}")
     return vector
 
 
