@@ -173,6 +173,22 @@ def test_subsets_of_gradients(trainable):
             assert tensor.grad is None
 
 
+@pytest.mark.parametrize("backend", ncfast.available_backends())
+@pytest.mark.parametrize("num_classes", [5, 130, 2100])
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal", "rescaled_mse"])
+def test_every_backend_float32(backend, num_classes, loss):
+    """fp32 loss and gradients within 1e-4 of float64 on each backend ("triton" under the
+    interpreter without a GPU), rows in two chunks."""
+    fn, kwargs = FUNCTIONS[loss]
+    kwargs = dict(kwargs, ignore_index=-1)
+    features, weight, bias, target = _problem(num_rows=6, dim=16, num_classes=num_classes, dtype=torch.float32,
+                                              ignore=True)
+    with ncfast.use_backend(backend):
+        pairs = _losses_and_grads(fn, _reference_kwargs(loss, kwargs), loss, features, weight, bias, target, "mean",
+                                  chunk_memory=3 * num_classes * 4, **kwargs)
+    _assert_close(pairs, 1e-4)
+
+
 def test_torch_backend_matches_cpp():
     features, weight, bias, target = _problem(ignore=True)
     got = ncfast.linear_focal_loss(features, weight, bias, target, ignore_index=-1, reduction="none", chunk_memory=400)
