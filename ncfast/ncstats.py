@@ -257,6 +257,24 @@ def _global_mean(counts: Tensor, means: Tensor, global_mean: str) -> Tensor:
     return means.mean(0)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Runs torch's CPU ops single-threaded inside the block (no-op for other devices).
+
+    ``compute`` is small work (at most d²·K flops): one thread does it in milliseconds, while
+    multithreaded BLAS/LAPACK calls on matrices this small were measured 100× slower (a QR of
+    512×100: 0.14 s instead of 0.8 ms) whenever another process keeps a core busy."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _nc1(within_scatter: Tensor, num_samples: float, mbar: Tensor, per_class: bool) -> float:
     """(1/K) tr(Σ_W Σ_B^†) through the thin SVD M̄ = U S Vᵀ (d×K): with Σ_B = M̄M̄ᵀ/K,
     Σ_B^† = K Σ_i s_i^{-2} u_i u_iᵀ, so (1/K) tr(Σ_W Σ_B^†) = Σ_i s_i^{-2} u_iᵀ Σ_W u_i.
@@ -265,8 +283,7 @@ def _nc1(within_scatter: Tensor, num_samples: float, mbar: Tensor, per_class: bo
     float64: eigenvalue s_i²/K above max(d, d)·eps times the largest. Σ_B is never formed, so
     its null space (rank ≤ K−1 ≪ d) never produces spurious tiny eigenvalues to invert."""
     d, K = mbar.shape
-    # Thin QR first, then the SVD of the small triangle: the same U S, without a d×K SVD
-    # (LAPACK's is slow and erratic under thread contention).
+    # Thin QR first, then the SVD of the small triangle: the same U S, without a d×K SVD.
     q, r = torch.linalg.qr(mbar)
     u_r, s, _ = torch.linalg.svd(r)
     u = q @ u_r
@@ -487,6 +504,10 @@ class NCStats:
                 (rows minus their mean w̄, as Papyan et al. 2020 for NC2/NC3 and equinorm).
             second_pass: an :class:`NCSecondPass` fed the data again; fills its metrics.
         """
+        with _one_cpu_thread(self.device):
+            return self._compute(weight, bias, nc1_per_class, global_mean, center_classifier, second_pass)
+
+    def _compute(self, weight, bias, nc1_per_class, global_mean, center_classifier, second_pass) -> NCMetrics:
         global_mean = _check_global_mean(global_mean)
         self._check_complete()
         K = self.num_classes
