@@ -14,6 +14,7 @@ import torch
 
 import ncfast
 from ncfast import cli, ufm
+from ncfast.reference import linear as linear_ref
 from ncfast.reference import losses as ref
 
 META = torch.device("meta")
@@ -326,6 +327,25 @@ def test_linear_empty_batch(name):
     args = _linear_args(features=torch.randn(0, D), target=torch.zeros(0, dtype=torch.int64))
     assert LINEAR_FUNCTIONS[name](**args, reduction="sum").item() == 0.0
     assert LINEAR_FUNCTIONS[name](**args, reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(LINEAR_FUNCTIONS))
+def test_linear_one_class_with_bias(name, dtype):
+    """K = 1 with a bias used to return dW and db as views of one buffer, which the custom op
+    rejects as aliased outputs (found by the property tests)."""
+    args = _linear_args(features=torch.randn(N, D, dtype=dtype, requires_grad=True),
+                        weight=torch.randn(1, D, dtype=dtype, requires_grad=True),
+                        bias=torch.randn(1, dtype=dtype, requires_grad=True), target=torch.zeros(N, dtype=torch.int64))
+    value = LINEAR_FUNCTIONS[name](**args)
+    grads = torch.autograd.grad(value, [args["features"], args["weight"], args["bias"]])
+    refs = [args[key].detach().double().requires_grad_(True) for key in ("features", "weight", "bias")]
+    loss = {"linear_cross_entropy": "cross_entropy", "linear_focal_loss": "focal",
+            "linear_rescaled_mse": "rescaled_mse"}[name]
+    kwargs = {"linear_focal_loss": dict(gamma=2.0), "linear_rescaled_mse": dict(kappa=1.0, beta=1.0)}.get(name, {})
+    expected = linear_ref.linear_loss(*refs, args["target"], loss, **kwargs)
+    for got, want in zip(grads, torch.autograd.grad(expected, refs)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
