@@ -45,8 +45,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .cli import CLIError
+
+    for name in ("epochs", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name}: expected a positive integer, got {value}")
+    torch.set_num_threads(args.threads)
     dataset = load_dataset("digits")
     rows, curves = [], {}
     for loss, params in DEMO_LOSSES:

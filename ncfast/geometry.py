@@ -56,6 +56,8 @@ def simplex_etf(
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if not isinstance(dim, int) or dim < num_classes - 1:
         raise ValueError(f"dim must be an int >= num_classes - 1 = {num_classes - 1}, got {dim!r}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point dtype, got {dtype}")
     scale = math.sqrt(num_classes / (num_classes - 1))
     if dim == num_classes - 1:
         rotation = (_random_orthonormal(dim, dim, generator) if random_basis
@@ -89,6 +91,10 @@ class ETFClassifier(torch.nn.Module):
                      if bias else None)
 
     def forward(self, features: Tensor) -> Tensor:
+        if not features.is_floating_point():
+            raise TypeError(f"features: expected a floating-point tensor, got {features.dtype}")
+        if features.dim() == 0 or features.shape[-1] != self.in_features:
+            raise ValueError(f"features: expected shape (..., {self.in_features}), got {tuple(features.shape)}")
         return torch.nn.functional.linear(features, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -115,7 +115,8 @@ def _chunked(features, weight, bias, target, class_weight, alpha, loss, params, 
             d_bias.add_(torch.mv(z.t(), ones[: stop - start]))
     d_weight = d_weight_ext[:, :dim].to(dtype).contiguous() if grad_weight else features.new_empty((0,))
     if grad_bias:
-        d_bias = (d_weight_ext[:, dim] if grad_weight else d_bias).to(dtype).contiguous()
+        # A copy: with K = 1 the column [:, dim] is "contiguous" and dW would alias db.
+        d_bias = features.new_empty((num_classes,)).copy_(d_weight_ext[:, dim] if grad_weight else d_bias)
     else:
         d_bias = features.new_empty((0,))
     return rows, d_features, d_weight, d_bias

@@ -713,6 +713,8 @@ def nc_metrics(
     defaults to ``target.max() + 1``; ``flags`` are those of :meth:`NCStats.compute`."""
     if not isinstance(features, Tensor) or features.dim() != 2:
         raise ValueError("features: expected a tensor of shape (N, d)")
+    if isinstance(target, Tensor) and (target.is_floating_point() or target.is_complex()):
+        raise TypeError(f"target: expected integer class indices, got {target.dtype}")
     if num_classes is None:
         if not isinstance(target, Tensor) or target.numel() == 0:
             raise ValueError("target: needs at least one sample, or pass num_classes")

@@ -451,6 +451,8 @@ def _check_config(config: TrainConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not config.lr > 0:
         raise ValueError(f"lr must be > 0, got {config.lr}")
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None for torch's default), got {config.threads}")
 
 
 def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optional[nn.Module] = None) -> TrainResult:
@@ -462,7 +464,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optiona
     by the world size the averaged gradient is the one-process gradient. Rank 0 alone writes
     ``out`` and prints."""
     _check_config(config)
-    if config.threads:
+    if config.threads is not None:
         torch.set_num_threads(config.threads)
     rank, world = _world()
     torch.manual_seed(config.seed)

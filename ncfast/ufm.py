@@ -220,6 +220,8 @@ def solve(num_classes: int, per_class: int, dim: int, loss: str = "mse", lambda_
         raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if not (isinstance(init_scale, (int, float)) and 0 < init_scale < math.inf):
+        raise ValueError(f"init_scale must be a finite value > 0, got {init_scale!r}")
 
     generator = torch.Generator().manual_seed(seed)
     y = balanced_labels(num_classes, per_class)
