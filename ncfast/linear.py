@@ -35,13 +35,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import losses
+from . import _checks, losses
 from .reference import losses as reference
 
 #: Default memory budget for one chunk of logits, in bytes (per call; see ``chunk_memory``).
 CHUNK_MEMORY_BYTES = 256 * 2**20
-
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_memory: int = CHUNK_MEMORY_BYTES) -> int:
@@ -208,10 +206,7 @@ torch.library.register_autograd("ncfast::fused_linear_loss", _backward, setup_co
 # public API
 # --------------------------------------------------------------------------------------------
 def _check_matrix(name: str, tensor, shape_text: str) -> Tensor:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name}: expected a tensor of shape {shape_text}, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected float32, float64, bfloat16 or float16, got {tensor.dtype}")
+    _checks.float_tensor(name, tensor, shape_text)
     if tensor.dim() != 2:
         raise ValueError(f"{name}: expected shape {shape_text}, got {tuple(tensor.shape)}")
     return tensor
@@ -224,8 +219,8 @@ def _check_same(name: str, tensor: Tensor, features: Tensor) -> None:
         raise ValueError(f"{name}: is on {tensor.device} but features are on {features.device}")
 
 
-def _linear_loss(loss, features, weight, bias, target, class_weight, alpha, ignore_index, reduction, chunk_memory,
-                 **params) -> Tensor:
+def _linear_loss(loss, features, weight, bias, target, class_weight, ignore_index, reduction, chunk_memory,
+                 **options) -> Tensor:
     features = _check_matrix("features", features, "(N, d)")
     weight = _check_matrix("weight", weight, "(K, d)")
     _check_same("weight", weight, features)
@@ -243,35 +238,30 @@ def _linear_loss(loss, features, weight, bias, target, class_weight, alpha, igno
         _check_same("bias", bias, features)
         if bias.shape != (num_classes,):
             raise ValueError(f"bias: expected shape ({num_classes},) (one entry per row of weight), got {tuple(bias.shape)}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target: expected a tensor, got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target: expected integer class indices, got {target.dtype}")
+    _checks.class_indices("target", target)
     if target.shape != (num_rows,):
         raise ValueError(f"target: expected shape ({num_rows},) for features of shape {tuple(features.shape)}, "
                          f"got {tuple(target.shape)}")
     if target.device != features.device:
         raise ValueError(f"target: is on {target.device} but features are on {features.device}")
-    if reduction not in losses.REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {losses.REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    _checks.reduction(reduction)
+    _checks.integer("ignore_index", ignore_index)
     if isinstance(chunk_memory, bool) or not isinstance(chunk_memory, int):
         raise TypeError(f"chunk_memory: expected an int (bytes), got {type(chunk_memory).__name__}")
     if chunk_memory <= 0:
         raise ValueError(f"chunk_memory: expected a positive number of bytes, got {chunk_memory}")
+    params, alpha = losses.loss_options(loss, num_classes, features.device, **options)
     if class_weight is not None:
-        class_weight = losses._check_class_vector("class_weight", class_weight, num_classes, features.device, "features")
+        class_weight = _checks.class_vector("class_weight", class_weight, num_classes, features.device, "features")
     if alpha is not None:
-        alpha = losses._check_class_vector("alpha", alpha, num_classes, features.device, "features")
+        alpha = _checks.class_vector("alpha", alpha, num_classes, features.device, "features")
     target = target.to(torch.int64)
     features, weight = features.contiguous(), weight.contiguous()
     chunk = chunk_rows(num_rows, num_classes, features.dtype, chunk_memory)
     grad_on = torch.is_grad_enabled() and reduction != "none"
     value, *_ = torch.ops.ncfast.fused_linear_loss(
-        features, weight, bias, target, class_weight, alpha, loss, params.get("label_smoothing", 0.0),
-        params.get("gamma", 0.0), params.get("kappa", 1.0), params.get("beta", 0.0),
-        params.get("lse_square_scale", 0.0), params.get("softcap", 0.0), ignore_index, reduction,
+        features, weight, bias, target, class_weight, alpha, loss, params["label_smoothing"], params["gamma"],
+        params["kappa"], params["beta"], params["lse_square_scale"], params["softcap"], ignore_index, reduction,
         chunk, None, grad_on and features.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
@@ -300,11 +290,7 @@ def linear_cross_entropy(
     Returns: the loss in the features' dtype ((N,) for reduction="none"); differentiable in
     features, weight and bias. Extra memory: one chunk of logits plus the gradients.
     """
-    label_smoothing = losses._check_hyper("label_smoothing", label_smoothing, lambda a: 0 <= a < 1, "a value in [0, 1)")
-    lse_square_scale = losses._check_hyper("lse_square_scale", lse_square_scale, lambda v: v >= 0, "a finite value >= 0")
-    softcap = 0.0 if softcap is None else losses._check_hyper("softcap", softcap, lambda v: v > 0,
-                                                              "None or a finite value > 0")
-    return _linear_loss("cross_entropy", features, weight, bias, target, class_weight, None, ignore_index, reduction,
+    return _linear_loss("cross_entropy", features, weight, bias, target, class_weight, ignore_index, reduction,
                         chunk_memory, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
                         softcap=softcap)
 
@@ -322,17 +308,8 @@ def linear_focal_loss(
             as :func:`linear_cross_entropy`.
         gamma, alpha: as :func:`ncfast.focal_loss`.
     """
-    gamma = losses._check_hyper("gamma", gamma, lambda g: g >= 0, "a finite value >= 0")
-    if alpha is not None and not isinstance(alpha, Tensor):
-        num_classes = weight.shape[0] if isinstance(weight, Tensor) else 0
-        device = weight.device if isinstance(weight, Tensor) else None
-        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-            alpha = losses._check_hyper("alpha", alpha, lambda a: True, "a finite value")
-            alpha = torch.full((num_classes,), alpha, dtype=torch.float64, device=device)
-        else:
-            alpha = torch.as_tensor(alpha, dtype=torch.float64, device=device)
-    return _linear_loss("focal", features, weight, bias, target, class_weight, alpha, ignore_index, reduction,
-                        chunk_memory, gamma=gamma)
+    return _linear_loss("focal", features, weight, bias, target, class_weight, ignore_index, reduction, chunk_memory,
+                        gamma=gamma, alpha=alpha)
 
 
 def linear_rescaled_mse(
@@ -348,7 +325,5 @@ def linear_rescaled_mse(
             as :func:`linear_cross_entropy`.
         kappa, beta: as :func:`ncfast.rescaled_mse`.
     """
-    kappa = losses._check_hyper("kappa", kappa, lambda k: k > 0, "a finite value > 0")
-    beta = losses._check_hyper("beta", beta, lambda b: True, "a finite value")
-    return _linear_loss("rescaled_mse", features, weight, bias, target, class_weight, None, ignore_index, reduction,
+    return _linear_loss("rescaled_mse", features, weight, bias, target, class_weight, ignore_index, reduction,
                         chunk_memory, kappa=kappa, beta=beta)

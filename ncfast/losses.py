@@ -16,19 +16,17 @@ The backward pass only scales the stored gradient by the incoming gradient (a sc
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _checks
 from .reference import losses as reference
 
 LOSSES = ("cross_entropy", "focal", "rescaled_mse")
-REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+REDUCTIONS = _checks.REDUCTIONS
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,41 +354,36 @@ class _InplaceFusedLoss(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-def _check_hyper(name: str, value: float, ok, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
-    if not (-math.inf < value < math.inf and ok(value)):  # also rejects NaN
-        raise ValueError(f"{name}: expected {expected}, got {value}")
-    return value
-
-
-def _check_class_vector(name: str, vector: Tensor, num_classes: int, device: torch.device,
-                        main_input: str = "logits") -> Tensor:
-    if not isinstance(vector, Tensor):
-        raise TypeError(f"{name}: expected a tensor of shape (K,) or None, got {type(vector).__name__}")
-    if not vector.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {vector.dtype}")
-    if vector.shape != (num_classes,):
-        raise ValueError(f"{name}: expected shape ({num_classes},) (one entry per class), got {tuple(vector.shape)}")
-    if vector.device != device:
-        raise ValueError(f"{name}: is on {vector.device} but {main_input} are on {device}")
-    return vector
+def loss_options(loss: str, num_classes: int, device: torch.device, label_smoothing=0.0, gamma=0.0, alpha=None,
+                 kappa=1.0, beta=0.0, lse_square_scale=0.0, softcap=None) -> tuple[dict, Optional[Tensor]]:
+    """Checks the hyper-parameters of ``loss`` (the others keep their neutral values) and returns
+    them as the ops' keyword arguments, with ``alpha`` as a float64 (K,) tensor or None."""
+    params = _params(0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
+    if loss == "cross_entropy":
+        params["label_smoothing"] = _checks.finite_float("label_smoothing", label_smoothing, lambda a: 0 <= a < 1,
+                                                         "a value in [0, 1)")
+        params["lse_square_scale"] = _checks.finite_float("lse_square_scale", lse_square_scale, lambda v: v >= 0,
+                                                          "a finite value >= 0")
+        if softcap is not None:
+            params["softcap"] = _checks.finite_float("softcap", softcap, lambda v: v > 0, "None or a finite value > 0")
+    elif loss == "focal":
+        params["gamma"] = _checks.finite_float("gamma", gamma, lambda g: g >= 0, "a finite value >= 0")
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            value = _checks.finite_float("alpha", alpha, lambda a: True, "a finite value")
+            alpha = torch.full((num_classes,), value, dtype=torch.float64, device=device)
+        elif alpha is not None and not isinstance(alpha, Tensor):
+            alpha = torch.as_tensor(alpha, dtype=torch.float64, device=device)
+    else:
+        params["kappa"] = _checks.finite_float("kappa", kappa, lambda k: k > 0, "a finite value > 0")
+        params["beta"] = _checks.finite_float("beta", beta, lambda b: True, "a finite value")
+    return params, alpha
 
 
 def _as_rows(logits: Tensor, target: Tensor):
     """torch's conventions: (K,) with a scalar target, (N, K) with (N,), or (N, K, d1, ...)
     with (N, d1, ...). Returns 2-D logits, 1-D target and the shape of a per-sample output."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits: expected a tensor, got {type(logits).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target: expected a tensor, got {type(target).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits: expected float32, float64, bfloat16 or float16, got {logits.dtype}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"target: expected integer class indices, got {target.dtype} (probability targets are not supported)"
-        )
+    _checks.float_tensor("logits", logits, "(N, K)")
+    _checks.class_indices("target", target, " (probability targets are not supported)")
     if target.device != logits.device:
         raise ValueError(f"target: is on {target.device} but logits are on {logits.device}")
     if logits.dim() == 0:
@@ -411,32 +404,29 @@ def _as_rows(logits: Tensor, target: Tensor):
     return logits, target.reshape(-1).to(torch.int64), expected
 
 
-def _fused(loss, logits, target, weight, alpha, ignore_index, reduction, inplace_backward, return_lse=False,
-           process_group=None, label_smoothing=0.0, gamma=0.0, kappa=1.0, beta=0.0, lse_square_scale=0.0,
-           softcap=0.0):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+def _fused(loss, logits, target, weight, ignore_index, reduction, inplace_backward, return_lse=False,
+           process_group=None, **options):
+    _checks.reduction(reduction)
+    _checks.integer("ignore_index", ignore_index)
     rows_logits, rows_target, sample_shape = _as_rows(logits, target)
     num_classes = rows_logits.shape[1]
     if process_group is not None:
         import torch.distributed as dist
 
         num_classes *= dist.get_world_size(process_group)
+    params, alpha = loss_options(loss, num_classes, logits.device, **options)
     if weight is not None:
-        weight = _check_class_vector("weight", weight, num_classes, logits.device)
+        weight = _checks.class_vector("weight", weight, num_classes, logits.device, "logits")
     if alpha is not None:
-        alpha = _check_class_vector("alpha", alpha, num_classes, logits.device)
-    params = _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
+        alpha = _checks.class_vector("alpha", alpha, num_classes, logits.device, "logits")
     if process_group is not None:
         if inplace_backward:
             raise ValueError("inplace_backward: not supported together with process_group")
         value, lse = _VocabParallelLoss.apply(rows_logits, rows_target, weight, loss, params, ignore_index,
                                               reduction, process_group)
     else:
-        args = (rows_target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction,
-                lse_square_scale, softcap)
+        args = (rows_target, weight, alpha, loss, params["label_smoothing"], params["gamma"], params["kappa"],
+                params["beta"], ignore_index, reduction, params["lse_square_scale"], params["softcap"])
         if inplace_backward:
             if logits.dim() > 2:
                 raise ValueError("inplace_backward: supported for logits of shape (N, K) or (K,), "
@@ -482,10 +472,7 @@ def cross_entropy(
     Returns: the loss, in the logits' dtype (and the lse with ``return_lse``). A row with NaN or
     +inf among its logits has loss and gradient NaN (as torch); −inf logits are masked classes.
     """
-    label_smoothing = _check_hyper("label_smoothing", label_smoothing, lambda a: 0 <= a < 1, "a value in [0, 1)")
-    lse_square_scale = _check_hyper("lse_square_scale", lse_square_scale, lambda v: v >= 0, "a finite value >= 0")
-    softcap = 0.0 if softcap is None else _check_hyper("softcap", softcap, lambda v: v > 0, "None or a finite value > 0")
-    return _fused("cross_entropy", logits, target, weight, None, ignore_index, reduction, inplace_backward,
+    return _fused("cross_entropy", logits, target, weight, ignore_index, reduction, inplace_backward,
                   return_lse=return_lse, process_group=process_group, label_smoothing=label_smoothing,
                   lse_square_scale=lse_square_scale, softcap=softcap)
 
@@ -503,15 +490,8 @@ def focal_loss(
         alpha: optional per-class factor α_t, a (K,) tensor or sequence, or one float for all
             classes; it scales ℓ and g but not the "mean" divisor (which is Σ w_y).
     """
-    gamma = _check_hyper("gamma", gamma, lambda g: g >= 0, "a finite value >= 0")
-    if alpha is not None and not isinstance(alpha, Tensor):
-        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-            _check_hyper("alpha", alpha, lambda a: True, "a finite value")
-            num_classes = logits.shape[-1] if logits.dim() <= 2 else logits.shape[1]
-            alpha = torch.full((num_classes,), float(alpha), dtype=torch.float64, device=logits.device)
-        else:
-            alpha = torch.as_tensor(alpha, dtype=torch.float64, device=logits.device)
-    return _fused("focal", logits, target, weight, alpha, ignore_index, reduction, inplace_backward, gamma=gamma)
+    return _fused("focal", logits, target, weight, ignore_index, reduction, inplace_backward, gamma=gamma,
+                  alpha=alpha)
 
 
 def rescaled_mse(
@@ -529,10 +509,8 @@ def rescaled_mse(
         kappa: weight κ > 0 of the target coordinate.
         beta: target value β of the true-class logit.
     """
-    kappa = _check_hyper("kappa", kappa, lambda k: k > 0, "a finite value > 0")
-    beta = _check_hyper("beta", beta, lambda b: True, "a finite value")
-    return _fused("rescaled_mse", logits, target, weight, None, ignore_index, reduction, inplace_backward,
-                  kappa=kappa, beta=beta)
+    return _fused("rescaled_mse", logits, target, weight, ignore_index, reduction, inplace_backward, kappa=kappa,
+                  beta=beta)
 
 
 class _LossModule(torch.nn.Module):

@@ -33,10 +33,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _checks
 from .reference import ncstats as reference
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 GLOBAL_MEANS = ("samples", "classes")
 DEFAULT_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
@@ -123,14 +122,8 @@ def _check_count(name: str, value, minimum: int) -> int:
 
 
 def _check_batch(features, target, num_classes: int, dim: int, device: torch.device):
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features: expected a tensor of shape (N, {dim}), got {type(features).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target: expected a tensor of shape (N,), got {type(target).__name__}")
-    if features.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"features: expected float32, float64, bfloat16 or float16, got {features.dtype}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target: expected integer class indices, got {target.dtype}")
+    _checks.float_tensor("features", features, f"(N, {dim})")
+    _checks.class_indices("target", target)
     if features.dim() != 2 or features.shape[1] != dim:
         raise ValueError(f"features: expected shape (N, {dim}), got {tuple(features.shape)}")
     if target.shape != (features.shape[0],):
