@@ -74,6 +74,44 @@ struct Slice {
 // The block of columns that the statistics and gradient sweeps work on at a time (fits L1).
 constexpr int64_t kRowBlock = 4096;
 
+// How far ahead of its loads the memory sweep prefetches: the hardware prefetcher stops at
+// each 4 KiB page, and on a busy core the sweep alone cannot keep enough lines in flight
+// (fp32 N=4096 K=32000: the sweep takes 25 % less time with it).
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Per-lane partial results of a memory sweep: lane q holds the columns j ≡ q (mod L), L being
+// one cache line of logits, combined in a fixed order at the end (deterministic).
+template <typename T, typename A>
+struct Lanes {
+  static constexpr int L = 64 / sizeof(T);
+  A max[L], sum[L];
+  int nan[L];
+  explicit Lanes(A max0) {
+    for (int q = 0; q < L; ++q) max[q] = max0, sum[q] = 0, nan[q] = 0;
+  }
+  void reduce(A& out_max, A& out_sum, int& out_nan) const {
+    for (int q = 0; q < L; ++q) {
+      out_max = max[q] > out_max ? max[q] : out_max;
+      out_sum += sum[q];
+      out_nan |= nan[q];
+    }
+  }
+};
+
+// Runs body(lane, j) for j in [0, n), one cache line of `z` per step with a prefetch
+// kPrefetchBytes ahead (prefetches never fault, past the end included).
+template <typename T, typename Body>
+NCFAST_INLINE void sweep_lines(const T* z, int64_t n, Body&& body) {
+  constexpr int L = Lanes<T, float>::L;
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    _mm_prefetch(reinterpret_cast<const char*>(z + j) + kPrefetchBytes, _MM_HINT_T0);
+#pragma omp simd
+    for (int q = 0; q < L; ++q) body(q, j + q);
+  }
+  for (; j < n; ++j) body(static_cast<int>(j % L), j);
+}
+
 // One row's statistics over its local columns. When `e` is given, it receives exp(z_j - m_b)
 // and `block_ref[b]` the running max m_b it was taken against, for each block b.
 template <bool kCap, bool kColumnWeights, typename T, typename A>
@@ -83,40 +121,41 @@ NCFAST_INLINE RowStats<A> row_stats(const T* z, int64_t y_local, const Slice& sl
   RowStats<A> s{0, 0, 0, 0, 0};
   const bool local_target = 0 <= y_local && y_local < K;
   if (local_target) s.target_logit = load_logit<kCap>(z[y_local], cap, inv_cap);
+  const A minus_inf = -std::numeric_limits<A>::infinity();
   if (kind == kRescaledMSE) {
-    A sumsq = 0;
-    int has_nan = 0;
-#pragma omp simd reduction(+ : sumsq) reduction(| : has_nan)
-    for (int64_t j = 0; j < K; ++j) {
+    Lanes<T, A> lanes(0);
+    sweep_lines(z, K, [&](int q, int64_t j) {
       A zj = load_logit<kCap>(z[j], cap, inv_cap);
-      sumsq += j == y_local ? A(0) : zj * zj;
-      has_nan |= (zj != zj);
-    }
-    s.sumexp = sumsq;
+      lanes.sum[q] += j == y_local ? A(0) : zj * zj;
+      lanes.nan[q] |= (zj != zj);
+    });
+    A unused_max = 0;
+    int has_nan = 0;
+    lanes.reduce(unused_max, s.sumexp, has_nan);
     s.has_nan = has_nan;
     return s;
   }
   // One pass, a cache-resident block at a time: the block's max, then its exp against the
   // running max, so that the logits are read from memory once while the exp is computed. A
   // stored exp(z - m_block) is brought to the final max later by one multiply per block.
-  const A minus_inf = -std::numeric_limits<A>::infinity();
   A max = minus_inf, weighted_sum = 0, sumexp = 0;
   int has_nan = 0;
   for (int64_t start = 0, b = 0; start < K; start += kRowBlock, ++b) {
     const int64_t n = std::min(kRowBlock, K - start);
     const T* zb = z + start;
-    A block_max = minus_inf;
-#pragma omp simd reduction(max : block_max) reduction(| : has_nan) reduction(+ : weighted_sum)
-    for (int64_t j = 0; j < n; ++j) {
+    Lanes<T, A> lanes(minus_inf);
+    sweep_lines(zb, n, [&](int q, int64_t j) {
       A zj = load_logit<kCap>(zb[j], cap, inv_cap);
-      block_max = zj > block_max ? zj : block_max;
-      has_nan |= (zj != zj);
+      lanes.max[q] = zj > lanes.max[q] ? zj : lanes.max[q];
+      lanes.nan[q] |= (zj != zj);
       if constexpr (kColumnWeights) {
-        weighted_sum += static_cast<A>(u[start + j]) * zj;
+        lanes.sum[q] += static_cast<A>(u[start + j]) * zj;
       } else {
-        weighted_sum += zj;
+        lanes.sum[q] += zj;
       }
-    }
+    });
+    A block_max = minus_inf;
+    lanes.reduce(block_max, weighted_sum, has_nan);
     if (block_max > max) {
       if (max > minus_inf) sumexp *= vexp(max - block_max);
       max = block_max;
