@@ -82,7 +82,7 @@ NCFAST_INLINE float vexp(float x) {
   p = p * r + 1.0f;
   const float y = p * r + 1.0f;
   // 2^n from t's bits: (n + 127) << 23, the bits of 1.5·2^23 shift out.
-  const float scale = __builtin_bit_cast(float, (__builtin_bit_cast(int32_t, t) + 127) << 23);
+  const float scale = __builtin_bit_cast(float, (__builtin_bit_cast(uint32_t, t) + 127u) << 23);
   return y * scale;
 }
 NCFAST_INLINE double vexp(double x) { return std::exp(x); }

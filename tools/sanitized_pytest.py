@@ -18,4 +18,6 @@ if __name__ == "__main__":
     import pytest
 
     assert ncfast._C.__file__.startswith(package_root), ncfast._C.__file__
-    sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-k", "cpp and not compile", *extra]))
+    # --capture=sys: a sanitizer writes its report to file descriptor 2 and exits; captured
+    # at the descriptor (pytest's default), the report would be lost with the process.
+    sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "--capture=sys", "-k", "cpp and not compile", *extra]))
