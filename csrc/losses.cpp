@@ -79,11 +79,15 @@ constexpr int64_t kRowBlock = 4096;
 // (fp32 N=4096 K=32000: a read-only sweep takes 20-25 % less time with it).
 constexpr int64_t kPrefetchBytes = 4096;
 
+// Elements of T in one 64-byte cache line.
+template <typename T>
+constexpr int kLineElements = 64 / sizeof(T);
+
 // Per-lane partial results of a memory sweep: lane q holds the columns j ≡ q (mod L), L being
 // one cache line of logits, combined in a fixed order at the end (deterministic).
 template <typename T, typename A>
 struct Lanes {
-  static constexpr int L = 64 / sizeof(T);
+  static constexpr int L = kLineElements<T>;
   A max[L], sum[L];
   int nan[L];
   explicit Lanes(A max0) {
@@ -102,7 +106,7 @@ struct Lanes {
 // kPrefetchBytes ahead (prefetches never fault, past the end included).
 template <typename T, typename Body>
 NCFAST_INLINE void sweep_lines(const T* z, int64_t n, Body&& body) {
-  constexpr int L = Lanes<T, float>::L;
+  constexpr int L = kLineElements<T>;
   int64_t j = 0;
   for (; j + L <= n; j += L) {
     _mm_prefetch(reinterpret_cast<const char*>(z + j) + kPrefetchBytes, _MM_HINT_T0);
@@ -426,38 +430,33 @@ NCFAST_INLINE void loss_rows(const LossArgs<T>& args, int64_t begin, int64_t end
 template <typename T>
 using RowsFn = void (*)(const LossArgs<T>&, int64_t, int64_t, typename acc_of<T>::type*);
 
-#define NCFAST_LOSS_ROWS(NAME, PHASE, T, A)                                            \
-  NCFAST_CLONES void NAME(const LossArgs<T>& args, int64_t begin, int64_t end, A* s) { \
-    loss_rows<PHASE>(args, begin, end, s);                                            \
-  }
-NCFAST_LOSS_ROWS(fused_f32, Phase::fused, float, float)
-NCFAST_LOSS_ROWS(fused_f64, Phase::fused, double, double)
-NCFAST_LOSS_ROWS(fused_bf16, Phase::fused, bf16, float)
-NCFAST_LOSS_ROWS(fused_f16, Phase::fused, f16, float)
-NCFAST_LOSS_ROWS(stats_f32, Phase::stats, float, float)
-NCFAST_LOSS_ROWS(stats_f64, Phase::stats, double, double)
-NCFAST_LOSS_ROWS(stats_bf16, Phase::stats, bf16, float)
-NCFAST_LOSS_ROWS(stats_f16, Phase::stats, f16, float)
-NCFAST_LOSS_ROWS(from_stats_f32, Phase::from_stats, float, float)
-NCFAST_LOSS_ROWS(from_stats_f64, Phase::from_stats, double, double)
-NCFAST_LOSS_ROWS(from_stats_bf16, Phase::from_stats, bf16, float)
-NCFAST_LOSS_ROWS(from_stats_f16, Phase::from_stats, f16, float)
-#undef NCFAST_LOSS_ROWS
-
 template <typename T>
 struct RowsFns {
   RowsFn<T> fused, stats, from_stats;
 };
 template <typename T>
 RowsFns<T> rows_fns();
-template <>
-RowsFns<float> rows_fns<float>() { return {fused_f32, stats_f32, from_stats_f32}; }
-template <>
-RowsFns<double> rows_fns<double>() { return {fused_f64, stats_f64, from_stats_f64}; }
-template <>
-RowsFns<bf16> rows_fns<bf16>() { return {fused_bf16, stats_bf16, from_stats_bf16}; }
-template <>
-RowsFns<f16> rows_fns<f16>() { return {fused_f16, stats_f16, from_stats_f16}; }
+
+// The three phases' clone sets for element type T (accumulating in A), and their table.
+#define NCFAST_LOSS_ROWS(SUFFIX, T, A)                                                            \
+  NCFAST_CLONES void fused_##SUFFIX(const LossArgs<T>& args, int64_t begin, int64_t end, A* s) {      \
+    loss_rows<Phase::fused>(args, begin, end, s);                                                 \
+  }                                                                                               \
+  NCFAST_CLONES void stats_##SUFFIX(const LossArgs<T>& args, int64_t begin, int64_t end, A* s) {      \
+    loss_rows<Phase::stats>(args, begin, end, s);                                                 \
+  }                                                                                               \
+  NCFAST_CLONES void from_stats_##SUFFIX(const LossArgs<T>& args, int64_t begin, int64_t end, A* s) { \
+    loss_rows<Phase::from_stats>(args, begin, end, s);                                            \
+  }                                                                                               \
+  template <>                                                                                     \
+  RowsFns<T> rows_fns<T>() {                                                                      \
+    return {fused_##SUFFIX, stats_##SUFFIX, from_stats_##SUFFIX};                                 \
+  }
+NCFAST_LOSS_ROWS(f32, float, float)
+NCFAST_LOSS_ROWS(f64, double, double)
+NCFAST_LOSS_ROWS(bf16, bf16, float)
+NCFAST_LOSS_ROWS(f16, f16, float)
+#undef NCFAST_LOSS_ROWS
 
 // Checks every target against [0, total) (out-of-range values are reported, never read
 // through) and returns Σ_i w_{y_i} over the rows that are not ignored.
