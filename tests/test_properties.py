@@ -114,35 +114,33 @@ def _check_loss(loss, backend, logits, target, kwargs):
     torch.testing.assert_close(grad.double(), expected_grad, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+# Regimes of the loss property test: backend, examples, rows, classes, dtypes (None: all).
+_K_SMALL = st.one_of(st.integers(1, 12), st.sampled_from([31, 64, 97, 128, 257, 300]))
+LOSS_REGIMES = {
+    **{backend: (backend, 100, st.integers(0, 40), _K_SMALL, None) for backend in FAST_BACKENDS},
+    # K past 2^16: the blocked row passes and any 16-bit index arithmetic would show here.
+    "cpp_many_classes": ("cpp", 10, st.integers(1, 2), st.sampled_from([65537, 70001, 131101]),
+                         [torch.float32, torch.bfloat16]),
+    "triton": ("triton", 20, st.integers(0, 5), st.integers(1, 40), None),
+}
+_SKIP = {"cpp_many_classes": not HAS_CPP, "triton": not HAS_TRITON}
+
+
+@pytest.mark.parametrize("regime", [
+    pytest.param(name, marks=pytest.mark.skipif(_SKIP.get(name, False), reason=f"{name}: backend not available"))
+    for name in LOSS_REGIMES
+])
 @pytest.mark.parametrize("loss", sorted(LOSSES))
-@settings(max_examples=100, **PROPERTY)
-@given(data=st.data())
-def test_loss_matches_reference(loss, backend, data):
-    n = data.draw(st.integers(0, 40), label="N")
-    k = data.draw(st.one_of(st.integers(1, 12), st.sampled_from([31, 64, 97, 128, 257, 300])), label="K")
-    _check_loss(loss, backend, *_draw_problem(data, loss, n, k))
+def test_loss_matches_reference(loss, regime):
+    backend, examples, rows, classes, dtypes = LOSS_REGIMES[regime]
 
+    @settings(max_examples=examples, **PROPERTY)
+    @given(data=st.data())
+    def check(data):
+        n, k = data.draw(rows, label="N"), data.draw(classes, label="K")
+        _check_loss(loss, backend, *_draw_problem(data, loss, n, k, dtypes=dtypes or DTYPES))
 
-@pytest.mark.skipif(not HAS_CPP, reason="needs the compiled C++ kernels")
-@pytest.mark.parametrize("loss", sorted(LOSSES))
-@settings(max_examples=10, **PROPERTY)
-@given(data=st.data())
-def test_loss_matches_reference_many_classes(loss, data):
-    """K past 2^16: the blocked row passes and any 16-bit index arithmetic would show here."""
-    n = data.draw(st.integers(1, 2), label="N")
-    k = data.draw(st.sampled_from([65537, 70001, 131101]), label="K")
-    _check_loss(loss, "cpp", *_draw_problem(data, loss, n, k, dtypes=[torch.float32, torch.bfloat16]))
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not available here")
-@pytest.mark.parametrize("loss", sorted(LOSSES))
-@settings(max_examples=20, **PROPERTY)
-@given(data=st.data())
-def test_loss_matches_reference_triton(loss, data):
-    n = data.draw(st.integers(0, 5), label="N")
-    k = data.draw(st.integers(1, 40), label="K")
-    _check_loss(loss, "triton", *_draw_problem(data, loss, n, k))
+    check()
 
 
 # --------------------------------------------------------------------------------------------
