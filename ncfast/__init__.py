@@ -12,6 +12,7 @@ from .losses import (
     rescaled_mse,
 )
 from .ncstats import NCMetrics, NCSecondPass, NCStats, nc_metrics
+from .tracker import NCTracker
 from . import train, ufm  # noqa: E402  (modules: ncfast.train.train(...), ncfast.ufm.solve(...))
 from .train import TrainConfig
 from .ufm import UFMResult, optimal_objective
@@ -25,6 +26,7 @@ __all__ = [
     "NCMetrics",
     "NCSecondPass",
     "NCStats",
+    "NCTracker",
     "RescaledMSELoss",
     "TrainConfig",
     "UFMResult",
