@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ncfast
-from ncfast import train as T
+from ncfast import training as T
 
 FIRST_PASS = ("nc1", "nc2", "nc3", "nc4", "cdnv", "equinorm_means", "equiangularity_means", "max_angle_means",
               "equinorm_classifier", "equiangularity_classifier", "max_angle_classifier")
