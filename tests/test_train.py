@@ -167,17 +167,6 @@ def test_cli_train_writes_logs(tmp_path, capsys):
     assert main(["train", "--dataset", "mnist", "--out", str(tmp_path)]) == 2
 
 
-def test_cli_demo_plumbing(tmp_path, capsys):
-    from ncfast.cli import main
-
-    assert main(["demo", "--epochs", "2", "--threads", "1", "--quiet", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    for label in ("CE", "focal g=3", "LS a=0.1", "MSE k=1 b=15"):
-        assert label in out
-    assert (tmp_path / "nc1_vs_epoch.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(json.loads((tmp_path / "demo_mse.json").read_text())["history"]) == 2
-
-
 # ---------------------------------------------------------------------------------------------
 # two gloo processes
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ class TrainConfig:
     device: Optional[str] = None  # "cpu", "cuda", "cuda:1"; default: cuda:LOCAL_RANK when available, else cpu
     out: Optional[str] = None
     quiet: bool = False
-    stop_at: Optional[float] = None  # stop once NC1 ≤ this and train accuracy is 100%
 
 
 def check_config(config: TrainConfig) -> None:
