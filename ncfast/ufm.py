@@ -1,17 +1,19 @@
-"""The unconstrained feature model (UFM, SPEC §5): a solver and its closed-form certificate.
+"""The unconstrained feature model (UFM): a solver and its closed-form certificate.
 
 The last-layer features are free variables H ∈ R^{N×d} (one row per sample, n per class,
 N = nK), with classifier W ∈ R^{K×d} and bias b ∈ R^K:
 
     F(W, H, b) = (1/N) Σ_i ℓ(W h_i + b, y_i) + λ_W/2 ‖W‖² + λ_H/2 ‖H‖² + λ_b/2 ‖b‖²
 
-(seed 003 eq. (4), seed 002 eq. (7), seed 004 eq. (2)); for "mse" the seeds' 1/(2N) form
-(1/(2N)) Σ_i ‖W h_i + b − e_{y_i}‖² (seed 000 eq. (3), seed 004 eq. (5)), generalised to the
-rescaled MSE (κ, β) of seed 000 eq. (4). The papers store features as columns; here they are
-rows, so the paper's Wᵀ H is our H Wᵀ.
+(Zhu et al., NeurIPS 2021, eq. (4); Zhou et al., NeurIPS 2022, eq. (7); Wang et al., 2022,
+eq. (2)); for "mse" the papers' 1/(2N) form (1/(2N)) Σ_i ‖W h_i + b − e_{y_i}‖² (Zhou et al.,
+ICML 2022, eq. (3); Wang et al., 2022, eq. (5)), generalised to the rescaled MSE (κ, β) of
+Zhou et al., ICML 2022, eq. (4). The papers store features as columns; here they are rows, so
+the paper's Wᵀ H is our H Wᵀ.
 
-The global minimum is known in closed form for the MSE (seed 000 Thm 3.1, seed 004 Prop. 1) and
-for CE without bias (seed 004 Prop. 3); :func:`optimal_objective` returns it, and
+The global minimum is known in closed form for the MSE (Zhou et al., ICML 2022, Thm 3.1;
+Wang et al., 2022, Prop. 1) and for CE without bias (Wang et al., 2022, Prop. 3);
+:func:`optimal_objective` returns it, and
 :func:`solve`'s final objective minus it is a certificate of how far the solver is from the
 global minimum. Everything runs in float64 through the ncfast losses.
 """
@@ -30,14 +32,14 @@ from .ncstats import NCStats
 
 UFM_LOSSES = ("ce", "mse", "focal", "ls")
 METHODS = ("gd", "lbfgs")
-# the seeds' experimental loss parameters (seed 002 §4), used when none is given
+# the loss parameters of the experiments of Zhou et al., NeurIPS 2022, §4, used when none is given
 _LOSS_DEFAULTS = {"ce": {}, "mse": {"kappa": 1.0, "beta": 1.0}, "focal": {"gamma": 3.0},
                   "ls": {"label_smoothing": 0.1}}
 HISTORY_KEYS = ("objective", "grad_norm", "nc1", "nc2", "nc3")
 
 
 def balanced_labels(num_classes: int, per_class: int, device=None) -> Tensor:
-    """(N,) int64 labels 0, 1, …, K−1 repeated n times (seed 004's Y = 1_nᵀ ⊗ I_K)."""
+    """(N,) int64 labels 0, 1, …, K−1 repeated n times (the Y = 1_nᵀ ⊗ I_K of Wang et al., 2022)."""
     return torch.arange(num_classes, device=device).repeat(per_class)
 
 
@@ -84,7 +86,7 @@ def _check_problem(num_classes, per_class, dim, lambda_w, lambda_h, lambda_b):
 
 
 def _mse_optimum(K: int, n: int, d: int, lambda_w: float, lambda_h: float, lambda_b: float, bias: bool) -> float:
-    """Global minimum of the 1/(2N) MSE UFM, following the proof of seed 000 Thm 3.1.
+    """Global minimum of the 1/(2N) MSE UFM, following the proof of Zhou et al., ICML 2022, Thm 3.1.
 
     For a fixed b, minimising over (W, H) is a rank-≤d nuclear-norm-regularised approximation
     of Y − b1ᵀ (min over WH = X of λ_W/2‖W‖² + λ_H/2‖H‖² is μ‖X‖_*, μ = √(λ_Wλ_H)): each of
@@ -123,12 +125,12 @@ def _mse_optimum(K: int, n: int, d: int, lambda_w: float, lambda_h: float, lambd
 
 def optimal_objective(num_classes: int, per_class: int, dim: int, loss: str, lambda_w: float, lambda_h: float,
                       lambda_b: float = 0.0, bias: bool = True, **loss_kwargs) -> Optional[float]:
-    """The UFM's global minimum F* in closed form, or None where the seeds give none.
+    """The UFM's global minimum F* in closed form, or None where the papers give none.
 
-    * "mse" (κ = β = 1), any d, with or without bias, any λ_b ≥ 0: seed 000 Thm 3.1 (see
-      :func:`_mse_optimum`). With bias and λ_b = 0 it reduces to seed 004 Prop. 1:
+    * "mse" (κ = β = 1), any d, with or without bias, any λ_b ≥ 0: Zhou et al., ICML 2022, Thm 3.1 (see
+      :func:`_mse_optimum`). With bias and λ_b = 0 it reduces to Wang et al., 2022, Prop. 1:
       F* = (K−1)(s − K s²/2), s = √(nλ_Wλ_H), when λ_Wλ_H < 1/(nK²), else (K−1)/(2K).
-    * "ce" without bias, d ≥ K−1: seed 004 Prop. 3 (stated for d ≥ K; its minimiser spans K−1
+    * "ce" without bias, d ≥ K−1: Wang et al., 2022, Prop. 3 (stated for d ≥ K; its minimiser spans K−1
       dimensions, so the value is the same at d = K−1): with γ = 1/s − K + 1,
       F* = log(1 + (K−1)/γ) + (K−1) s log γ when λ_Wλ_H < 1/(nK²), else log K.
     * everything else ("focal", "ls", CE with bias or d < K−1, rescaled MSE): None.
@@ -196,7 +198,7 @@ def solve(num_classes: int, per_class: int, dim: int, loss: str = "mse", lambda_
             "focal" (``gamma``, default 3) or "ls" (``label_smoothing``, default 0.1).
         lambda_w, lambda_h, lambda_b: weight decays (> 0, > 0, ≥ 0).
         bias: optimise a bias b (decayed by λ_b) or fix b = 0.
-        method: "gd" — gradient descent with Armijo backtracking line search (seed 004 §3: start
+        method: "gd" — gradient descent with Armijo backtracking line search (Wang et al., 2022, §3: start
             each step at twice the last accepted step, halve until F decreases by ≥ 1e-4·t‖∇F‖²);
             "lbfgs" — ``torch.optim.LBFGS`` with the strong-Wolfe line search. GD's linear rate
             is fast for CE, but for the MSE at small λ_H the feature components outside W's row

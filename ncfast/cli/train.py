@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     add = parser.add_argument
     add("--dataset", choices=DATASETS, default=defaults.dataset)
     add("--data-dir", help="folder with the MNIST/CIFAR standard files (nothing is downloaded)")
-    add("--random-labels", action="store_true", help="train on uniformly random labels (seed 003 Fig. 5)")
+    add("--random-labels", action="store_true",
+        help="train on uniformly random labels (Zhu et al., NeurIPS 2021, Fig. 5)")
     add("--train-size", type=int, help="use only the first N training samples")
     add("--gaussian-dim", type=int, default=defaults.gaussian_dim)
     add("--gaussian-classes", type=int, default=defaults.gaussian_classes)
@@ -32,7 +33,8 @@ def add_arguments(parser) -> None:
     add("--depth", type=int, default=defaults.depth, help="MLP hidden layers")
     add("--no-batch-norm", action="store_true", help="MLP without BatchNorm")
     add("--feature-dim", type=int, help="penultimate feature dimension d")
-    add("--fixed-etf", action="store_true", help="fix the classifier to a simplex ETF (SPEC §4)")
+    add("--fixed-etf", action="store_true",
+        help="fix the classifier to a simplex ETF (Zhu et al., NeurIPS 2021, §4.3)")
     add("--no-bias", action="store_true", help="classifier without bias")
     add("--loss", choices=LOSSES, default=defaults.loss)
     add("--label-smoothing", type=float, help="ce/ls α (ls default 0.1)")
@@ -47,7 +49,7 @@ def add_arguments(parser) -> None:
     add("--step-size", type=int, default=defaults.step_size, help="epochs between ÷10 for --schedule step")
     add("--epochs", type=int, default=defaults.epochs)
     add("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
-    add("--clip-grad-norm", type=float, help="clip the gradient norm (seed 002: 2)")
+    add("--clip-grad-norm", type=float, help="clip the gradient norm (Zhou et al., NeurIPS 2022: 2)")
     add("--seed", type=int, default=defaults.seed)
     add("--second-pass", action="store_true", help="also NCC mismatch, cosine margins (a second pass)")
     add("--threads", type=int, help="torch threads per process")

@@ -21,9 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lambda-w", type=float, default=5e-4)
     parser.add_argument("--lambda-h", type=float, default=5e-5)
     parser.add_argument("--lambda-b", type=float, default=0.0)
-    parser.add_argument("--no-bias", action="store_true", help="fix b = 0 (seed 004's CE problem)")
+    parser.add_argument("--no-bias", action="store_true", help="fix b = 0 (the CE problem of Wang et al., 2022)")
     parser.add_argument("--method", choices=METHODS, default="lbfgs",
-                        help="lbfgs (default) or gd: seed 004 §3's gradient descent with backtracking")
+                        help="lbfgs (default) or gd: gradient descent with backtracking (Wang et al., 2022, §3)")
     parser.add_argument("--max-iters", type=int, default=None)
     parser.add_argument("--tol", type=float, default=1e-10, help="gradient-norm tolerance")
     parser.add_argument("--seed", type=int, default=0)

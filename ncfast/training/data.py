@@ -2,8 +2,8 @@
 standard files (:func:`load_dataset`).
 
 The embedded scikit-learn "digits" (default, no download), Gaussian inputs with random or true
-labels (seed 004 §3, seed 003 Fig. 5), and MNIST / CIFAR-10 / CIFAR-100 read from their standard
-files in a user-given folder; nothing is downloaded.
+labels (Wang et al., 2022, §3; Zhu et al., NeurIPS 2021, Fig. 5), and MNIST / CIFAR-10 /
+CIFAR-100 read from their standard files in a user-given folder; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _load_digits(seed: int):
 
 def _gaussian(num_classes: int, per_class: int, dim: int, labels: str, seed: int):
     """Seed 004 §3: x ~ N(0, I/4) in R^D, balanced labels. ``labels="random"`` draws them
-    independently of x (memorisation, seed 003 Fig. 5); ``"true"`` shifts each class by its own
+    independently of x (memorisation, Zhu et al., NeurIPS 2021, Fig. 5); ``"true"`` shifts each class by its own
     mean ~ N(0, I/D) so the labels are learnable. The test set is drawn the same way."""
     gen = torch.Generator().manual_seed(seed)
     means = torch.randn(num_classes, dim, generator=gen) / math.sqrt(dim) * 4.0
@@ -133,9 +133,9 @@ def load_dataset(name: str = "digits", data_dir: Optional[str] = None, seed: int
         name: "digits" (embedded), "gaussian", "mnist", "cifar10" or "cifar100".
         data_dir: folder with the standard files (MNIST, CIFAR); nothing is downloaded.
         seed: seeds the digits train/test split, Gaussian draws and random labels.
-        random_labels: replace the training labels by uniformly random ones (seed 003 Fig. 5).
+        random_labels: replace the training labels by uniformly random ones (Zhu et al., NeurIPS 2021, Fig. 5).
         train_size: keep only the first ``train_size`` training samples (a subset for quick runs).
-        gaussian_*: D, K, n and "random" | "true" labels for ``name="gaussian"`` (seed 004 §3).
+        gaussian_*: D, K, n and "random" | "true" labels for ``name="gaussian"`` (Wang et al., 2022, §3).
     """
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")

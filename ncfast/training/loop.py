@@ -30,7 +30,8 @@ from .models import build_model, trainable_parameters
 
 def make_loss(name: str, label_smoothing: Optional[float] = None, gamma: Optional[float] = None,
               kappa: Optional[float] = None, beta: Optional[float] = None):
-    """(logits, target) -> mean loss. Defaults are seed 002 §4's: ls α = 0.1, focal γ = 3,
+    """(logits, target) -> mean loss. Defaults are the experiments' of Zhou et al., NeurIPS 2022, §4: ls α = 0.1,
+    focal γ = 3,
     mse κ = 1, β = 15 (pass κ = β = 1 for vanilla MSE)."""
     if name == "ce":
         return lambda z, y: cross_entropy(z, y, label_smoothing=label_smoothing or 0.0)
@@ -48,7 +49,8 @@ def make_loss(name: str, label_smoothing: Optional[float] = None, gamma: Optiona
 
 def lr_factor(schedule: str, epoch: int, epochs: int, step_size: int = 40) -> float:
     """Learning-rate multiplier at ``epoch`` (0-based): "step" ÷10 every ``step_size`` epochs
-    (seed 003 §4), "multistep" ×0.1 at 3/7 and 5/7 of training (seed 002 §4), "cosine", "constant"."""
+    (Zhu et al., NeurIPS 2021, §4), "multistep" ×0.1 at 3/7 and 5/7 of training (Zhou et al.,
+    NeurIPS 2022, §4), "cosine", "constant"."""
     if schedule == "constant":
         return 1.0
     if schedule == "step":
