@@ -1,13 +1,8 @@
 """NCTracker: the metrics of the hooked classifier's input equal the one-shot ones, under two
 gloo processes equal one process, and a disabled tracker does no hook work."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ncfast
 from ncfast import training as T
@@ -148,27 +143,15 @@ def test_bad_use_raises_clear_errors():
 # ---------------------------------------------------------------------------------------------
 # two gloo processes
 # ---------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world, out):
+    model, x, y = _digits_mlp(train_size=600)
+    metrics = _tracked(model, x, y, batch_size=50, rank=rank, world=world)
+    torch.save(metrics.as_dict(), f"{out}.{rank}")
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, x, y = _digits_mlp(train_size=600)
-        metrics = _tracked(model, x, y, batch_size=50, rank=rank, world=world)
-        torch.save(metrics.as_dict(), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_gloo_processes_equal_one_process(tmp_path):
+def test_two_gloo_processes_equal_one_process(tmp_path, gloo):
     out = str(tmp_path / "tracker")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    gloo(_worker, 2, out)
     model, x, y = _digits_mlp(train_size=600)
     single = _tracked(model, x, y, batch_size=50).as_dict()
     ranks = [torch.load(f"{out}.{rank}") for rank in range(2)]
