@@ -20,7 +20,8 @@ def test_every_loss_runs_its_whole_schedule():
         assert [row["epoch"] for row in history] == list(range(1, epochs + 1)), run.loss
         expected_lr = [config.lr * lr_factor(config.schedule, e, epochs) for e in range(epochs)]
         assert [row["lr"] for row in history] == pytest.approx(expected_lr)
-        assert history[-1]["lr"] == pytest.approx(config.lr * 0.01)  # decayed twice: the schedule ended
+        lrs = [row["lr"] for row in history]
+        assert lrs[-1] == min(lrs) < 0.1 * config.lr  # the schedule ran to its end
         assert config == demo_config(run.loss, epochs, width=0.125, quiet=True)
 
 
