@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..figures import figures_available
 from ..training import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, TrainConfig, check_config, load_dataset, train
+from ..training.config import check_training_set
 from ..training.data import GAUSSIAN_LABELS
 from ..training.loop import rank_and_world
 from .common import CLIError, add_loss_arguments, figures_note, user_errors
@@ -83,6 +84,7 @@ def _train_and_report(config: TrainConfig) -> None:
         dataset = load_dataset(config.dataset, config.data_dir, config.seed, config.random_labels, config.train_size,
                                config.gaussian_dim, config.gaussian_classes, config.gaussian_per_class,
                                config.gaussian_labels)
+        check_training_set(config, dataset.y_train, dataset.num_classes, world)
     result = train(config, dataset)
     if rank == 0:
         final = result.final

@@ -3,6 +3,7 @@ before any data is read or any epoch starts, each naming the field it refuses.""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -132,3 +133,22 @@ def check_config(config: TrainConfig) -> None:
     check_device("device", config.device)
     if config.out is not None:
         check_output_folder("out", config.out)
+
+
+
+def check_training_set(config: TrainConfig, target: torch.Tensor, num_classes: int, world: int = 1) -> None:
+    """The training set ``target`` (N,) can be trained on as ``config`` asks: every class has a
+    sample (the NC metrics need every class mean), and every process's share of every batch can
+    train — BatchNorm (the MLP's unless ``batch_norm=False``, always ResNet18's) needs two samples."""
+    num_samples = len(target)
+    present = int((torch.bincount(target, minlength=num_classes) > 0).sum()) if num_samples else 0
+    if present < num_classes:
+        raise ValueError(f"train_size: the {num_samples} training samples hold {present} of the {num_classes} "
+                         f"classes; the NC metrics need every class")
+    last = num_samples - (math.ceil(num_samples / config.batch_size) - 1) * config.batch_size
+    smallest = min(config.batch_size, last) // world
+    needed = 2 if (config.batch_norm or config.model == "resnet18") else 1
+    if smallest < needed:
+        raise ValueError(f"batch_size: with {num_samples} training samples in batches of {config.batch_size} over "
+                         f"{world} process(es), a process gets a batch of {smallest} sample(s), BatchNorm needs "
+                         f"{needed}: change batch_size or train_size")

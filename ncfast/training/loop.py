@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..loss_choices import loss_function
 from ..ncstats import NCStats
 from ..progress import progress_bar
-from .config import OPTIMIZERS, SCHEDULES, TrainConfig, check_config
+from .config import OPTIMIZERS, SCHEDULES, TrainConfig, check_config, check_training_set
 from .data import Dataset, load_dataset
 from .logs import write_logs
 from .models import build_model, trainable_parameters
@@ -144,6 +144,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optiona
         dataset = load_dataset(config.dataset, config.data_dir, config.seed, config.random_labels, config.train_size,
                                config.gaussian_dim, config.gaussian_classes, config.gaussian_per_class,
                                config.gaussian_labels)
+    check_training_set(config, dataset.y_train, dataset.num_classes, world)
     if model is None:
         model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.feature_dim, config.width,
                             config.depth, config.fixed_etf, config.bias, config.batch_norm)

@@ -79,11 +79,23 @@ def _numpy_global(modules: tuple, name: str):
 
 
 # the only globals a CIFAR pickle refers to: numpy's array and scalar reconstruction (older numpy
-# writes numpy.core, numpy 2 numpy._core; protocol 5 writes _frombuffer)
+# writes numpy.core, numpy 2 numpy._core; protocol 5 writes _frombuffer) and, at protocol 2,
+# Python 3's way of writing bytes
 _RECONSTRUCT = _numpy_global(("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")
 _FROMBUFFER = _numpy_global(("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")
 _SCALAR = _numpy_global(("numpy._core.multiarray", "numpy.core.multiarray"), "scalar")
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """How Python 3 writes bytes at pickle protocol 2 (``_codecs.encode(text, "latin1")``),
+    admitted for that one encoding only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 _ALLOWED_GLOBALS = {
+    ("_codecs", "encode"): _latin1_bytes,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
