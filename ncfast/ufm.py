@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _checks
 from .loss_choices import LOSS_CHOICES, loss_parameters
 from .losses import rescaled_mse
 from .ncstats import NCStats
@@ -66,13 +67,12 @@ def objective(W: Tensor, H: Tensor, b: Optional[Tensor], target: Tensor, loss: s
 
 def _check_problem(num_classes, per_class, dim, lambda_w, lambda_h, lambda_b):
     for name, value, low in (("num_classes", num_classes, 2), ("per_class", per_class, 1), ("dim", dim, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    for name, value in (("lambda_w", lambda_w), ("lambda_h", lambda_h), ("lambda_b", lambda_b)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite value >= 0, got {value!r}")
-    if lambda_w == 0 or lambda_h == 0:
-        raise ValueError("lambda_w and lambda_h must be > 0 (without weight decay the UFM has no minimum)")
+        if _checks.integer(name, value) < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value}")
+    for name, value in (("lambda_w", lambda_w), ("lambda_h", lambda_h)):
+        _checks.finite_float(name, value, lambda v: v > 0, "a finite value > 0 (without weight decay the UFM has "
+                                                           "no minimum)")
+    _checks.finite_float("lambda_b", lambda_b, lambda v: v >= 0, "a finite value >= 0")
 
 
 def _mse_optimum(K: int, n: int, d: int, lambda_w: float, lambda_h: float, lambda_b: float, bias: bool) -> float:
@@ -209,15 +209,13 @@ def solve(num_classes: int, per_class: int, dim: int, loss: str = "mse", lambda_
     _check_problem(num_classes, per_class, dim, lambda_w, lambda_h, lambda_b)
     params_loss = loss_parameters(loss, **loss_kwargs)
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if max_iters is None:
         max_iters = 50000 if method == "gd" else 5000
-    if not isinstance(max_iters, int) or max_iters < 0:
-        raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if not (isinstance(init_scale, (int, float)) and 0 < init_scale < math.inf):
-        raise ValueError(f"init_scale must be a finite value > 0, got {init_scale!r}")
+    if _checks.integer("max_iters", max_iters) < 0:
+        raise ValueError(f"max_iters: expected an int >= 0, got {max_iters}")
+    _checks.finite_float("tol", tol, lambda v: v >= 0, "a finite value >= 0")
+    _checks.finite_float("init_scale", init_scale, lambda v: v > 0, "a finite value > 0")
 
     generator = torch.Generator().manual_seed(seed)
     y = balanced_labels(num_classes, per_class)
