@@ -127,3 +127,19 @@ def test_good_flags_still_train(tmp_path, capsys):
             "--no-batch-norm", "--seed", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path / "new" / "folder")]
     assert main(argv) == 0
     assert (tmp_path / "new" / "folder" / "train_ce.json").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_devices_this_machine_has(tmp_path, capsys):
+    import torch
+
+    from ncfast.training.config import check_device
+
+    check_device("device", "cuda")
+    check_device("device", f"cuda:{torch.cuda.device_count() - 1}")
+    with pytest.raises(ValueError, match="device"):
+        check_device("device", f"cuda:{torch.cuda.device_count()}")
+    argv = ["train", "--epochs", "2", "--width", "0.25", "--feature-dim", "16", "--device", "cuda:0", "--quiet",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "train acc" in capsys.readouterr().out
