@@ -135,7 +135,6 @@ def check_config(config: TrainConfig) -> None:
         check_output_folder("out", config.out)
 
 
-
 def check_training_set(config: TrainConfig, target: torch.Tensor, num_classes: int, world: int = 1) -> None:
     """The training set ``target`` (N,) can be trained on as ``config`` asks: every class has a
     sample (the NC metrics need every class mean), and every process's share of every batch can
