@@ -1,4 +1,5 @@
-"""``ncfast demo``: four losses trained to neural collapse on digits; a table and the figure."""
+"""``ncfast demo``: the four losses of Zhou et al. (NeurIPS 2022) trained into neural collapse on
+digits, on a fixed budget; the table and the papers' figure."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import torch
 
 from ..training import load_dataset, write_logs
+from ..training.config import check_output_folder
 from ..training.demo import DEMO_EPOCHS, demo_summary, demo_table, run_demo, write_demo_figure
-from .common import CLIError
+from .common import CLIError, figures_note, user_errors
 
 CLI_HELP = ("train CE / focal / label smoothing / rescaled MSE on digits into neural collapse (a fixed budget); "
-            "print the table, write the figure")
+            "print the table, plot training error and NC1-NC3")
 
 
 def add_arguments(parser) -> None:
@@ -29,8 +31,8 @@ def run(args) -> int:
         value = getattr(args, name)
         if value < 1:
             raise CLIError(f"--{name}: expected a positive integer, got {value}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out: {args.out!r} exists and is not a folder")
+    with user_errors():
+        check_output_folder("out", args.out)
     torch.set_num_threads(args.threads)
     dataset = load_dataset("digits")
     runs = run_demo(args.epochs, quiet=args.quiet, dataset=dataset)
@@ -38,10 +40,10 @@ def run(args) -> int:
         write_logs(demo_run.result, args.out, f"demo_{demo_run.loss}")
     print(demo_summary(runs, dataset))
     print(demo_table(runs))
-    figure = write_demo_figure(runs, os.path.join(args.out, "demo.png"))
+    figure = write_demo_figure(runs, os.path.join(args.out, "nc_vs_epoch.png"))
     if figure is None:
-        print(f"wrote {args.out}/demo_<loss>.csv/.json; for the figure install matplotlib "
-              f"(pip install \"ncfast[plot]\") and run again")
+        print(f"wrote demo_<loss>.csv/.json in {args.out}")
+        print(figures_note())
     else:
-        print(f"wrote {figure} (and {args.out}/demo_<loss>.csv/.json)")
+        print(f"wrote {figure} (and demo_<loss>.csv/.json/.png)")
     return 0

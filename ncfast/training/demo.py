@@ -18,17 +18,14 @@ from typing import Optional
 
 import torch
 
+from ..figures import figures_available, write_curves
+from ..loss_choices import LOSS_CHOICES, PAPER_LOSSES
 from .config import TrainConfig
 from .data import Dataset, load_dataset
+from .logs import history_panels
 from .loop import TrainResult, train
 
-# Zhou et al. (NeurIPS 2022) §4's losses with their parameters, and how the table names them
-DEMO_LOSSES = (("ce", {}), ("focal", {"gamma": 3.0}), ("ls", {"label_smoothing": 0.1}),
-               ("mse", {"kappa": 1.0, "beta": 15.0}))
-LABELS = {"ce": "CE", "focal": "focal g=3", "ls": "LS a=0.1", "mse": "MSE k=1 b=15"}
 DEMO_EPOCHS = 150
-FIGURE_PANELS = (("training error", lambda row: 1.0 - row["train_accuracy"]), ("NC1", lambda row: row["nc1"]),
-                 ("NC2", lambda row: row["nc2"]), ("NC3", lambda row: row["nc3"]))
 
 
 def demo_config(loss: str = "ce", epochs: int = DEMO_EPOCHS, **overrides) -> TrainConfig:
@@ -41,7 +38,6 @@ def demo_config(loss: str = "ce", epochs: int = DEMO_EPOCHS, **overrides) -> Tra
     base = dict(dataset="digits", model="mlp", width=0.5, depth=3, feature_dim=64, optimizer="sgd", lr=0.05,
                 momentum=0.9, weight_decay=2e-2, schedule="cosine", epochs=epochs, batch_size=512,
                 clip_grad_norm=2.0, seed=0, loss=loss)
-    base.update(dict(DEMO_LOSSES).get(loss, {}))
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -58,16 +54,16 @@ class DemoRun:
 
 def run_demo(epochs: int = DEMO_EPOCHS, quiet: bool = True, dataset: Optional[Dataset] = None,
              **overrides) -> list:
-    """Trains the four losses for ``epochs`` epochs each (the whole budget, every time);
-    ``overrides`` change the shared recipe (:func:`demo_config`). Returns a list of
-    :class:`DemoRun` in :data:`DEMO_LOSSES` order."""
+    """Trains the four losses of :data:`ncfast.loss_choices.PAPER_LOSSES` for ``epochs`` epochs
+    each (the whole budget, every time); ``overrides`` change the shared recipe
+    (:func:`demo_config`). Returns a list of :class:`DemoRun` in that order."""
     dataset = load_dataset("digits") if dataset is None else dataset
     runs = []
-    for loss, _ in DEMO_LOSSES:
+    for loss in PAPER_LOSSES:
         config = demo_config(loss, epochs, quiet=quiet, **overrides)
         start = time.perf_counter()
         result = train(config, dataset)
-        runs.append(DemoRun(loss, LABELS[loss], result, time.perf_counter() - start))
+        runs.append(DemoRun(loss, LOSS_CHOICES[loss].label, result, time.perf_counter() - start))
     return runs
 
 
@@ -85,29 +81,16 @@ def demo_table(runs: list) -> str:
 
 
 def write_demo_figure(runs: list, path: str) -> Optional[str]:
-    """Writes the papers' figure to ``path`` (PNG): one panel each for training error, NC1, NC2
-    and NC3 against epoch, one line per loss, log scale (a zero training error leaves the
-    axis). Returns ``path``, or ``None`` when matplotlib is not installed."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
+    """Writes the papers' figure to ``path``: one panel each for training error, NC1, NC2 and NC3
+    against epoch, one line per loss, log scale (a zero training error leaves the axis).
+    Returns ``path``, or ``None`` when matplotlib is not installed."""
+    if not figures_available():
         return None
-    figure = Figure(figsize=(14, 3.4), layout="constrained")
-    axes = figure.subplots(1, len(FIGURE_PANELS))
-    for ax, (title, value) in zip(axes, FIGURE_PANELS):
-        for run in runs:
-            history = run.result.history
-            ax.plot([row["epoch"] for row in history], [value(row) for row in history], label=run.label)
-        ax.set_yscale("log", nonpositive="mask")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(True, which="major", alpha=0.3)
-    axes[0].legend()
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    panels = history_panels({run.label: run.result.history for run in runs})
+    return write_curves(path, panels, "epoch", title="MLP on digits: four losses into neural collapse")
 
 
 def demo_summary(runs: list, dataset: Dataset) -> str:
