@@ -143,7 +143,7 @@ class NCTracker:
         if target is None:
             raise RuntimeError("NCTracker: the classifier ran inside track() without targets; call "
                                "tracker.observe(target) before each forward")
-        features = args[0]
+        features = args[0] if args else None
         if not isinstance(features, Tensor) or features.dim() == 0 or features.shape[-1] != self.dim:
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise ValueError(f"features: the classifier's input must have shape (N, ..., {self.dim}), got {shape}")

@@ -136,6 +136,9 @@ def test_bad_use_raises_clear_errors():
         tracker.observe(torch.tensor([0, 7]))
         with pytest.raises(ValueError, match="target"):
             layer(torch.randn(2, 4))
+        tracker.observe(torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match="features: the classifier's input"):
+            layer(input=torch.randn(2, 4))  # no positional input for the hook to see
     with pytest.raises(ValueError, match="classes have no samples"):
         tracker.compute()  # the pass above saw classes 0 and 1 only
 
