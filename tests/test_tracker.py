@@ -52,6 +52,18 @@ def test_tracker_equals_nc_metrics_on_the_digits_mlp(fixed_etf):
         assert got.cosine_margin_quantiles[q] == pytest.approx(value, rel=1e-10, abs=1e-12)
 
 
+@pytest.mark.gpu
+def test_tracker_on_cuda_equals_nc_metrics():
+    model, x, y = _digits_mlp()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    got = _tracked(model, x, y, batch_size=100)
+    assert model.classifier.weight.device.type == "cuda"
+    with torch.no_grad():
+        expected = ncfast.nc_metrics(model.features(x), y, model.classifier.weight, model.classifier.bias)
+    for key in FIRST_PASS + ("ncc_mismatch",):
+        assert getattr(got, key) == pytest.approx(getattr(expected, key), rel=1e-10, abs=1e-12), key
+
+
 def test_token_features_and_ignore_index():
     torch.manual_seed(1)
     layer = torch.nn.Linear(8, 5).double()
