@@ -4,13 +4,13 @@ neural-collapse metrics of saved features, streamed from memory-mapped ``.npy`` 
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..ncstats import NCStats
+from ..progress import progress_bar
 from .common import CLIError
 
 CLI_HELP = "Neural-collapse metrics of saved features (N, d) and labels (N,) streamed from .npy files."
@@ -38,15 +38,6 @@ def _load(path: str, name: str, ndim: int):
     if array.ndim != ndim:
         raise CLIError(f"{name}: expected a {ndim}-D array, got shape {array.shape} in {path}")
     return array
-
-
-def _progress(label: str, done: int, total: int, quiet: bool) -> None:
-    if quiet:
-        return
-    width = 30
-    filled = width * done // max(total, 1)
-    end = "\n" if done >= total else ""
-    print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
 
 
 def _float_tensor(chunk) -> Tensor:
@@ -89,12 +80,17 @@ def run(args) -> int:
             raise CLIError(f"bias: expected shape ({num_classes},), got {tuple(bias.shape)}")
 
     def stream(label: str, sink) -> None:
-        for i, (a, b) in enumerate(chunks):
-            try:
-                sink.update(_float_tensor(features[a:b]), torch.from_numpy(np.array(labels[a:b], dtype=np.int64)))
-            except ValueError as error:
-                raise CLIError(f"rows {a}..{b - 1}: {error}") from None
-            _progress(label, i + 1, len(chunks), args.quiet)
+        bar = progress_bar(len(chunks), label, enabled=not args.quiet)
+        try:
+            for a, b in chunks:
+                try:
+                    sink.update(_float_tensor(features[a:b]),
+                                torch.from_numpy(np.array(labels[a:b], dtype=np.int64)))
+                except ValueError as error:
+                    raise CLIError(f"rows {a}..{b - 1}: {error}") from None
+                bar.update(1)
+        finally:
+            bar.close()
 
     stats = NCStats(num_classes, d)
     second_needed = weight is not None or args.numerical_rank
