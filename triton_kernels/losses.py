@@ -252,15 +252,23 @@ def _gradient_block(z, is_target, col_weight, row_max, a, c, grad_target, keep, 
 
 
 @triton.jit
-def _load_block(z_rows, class_stride, start, cols, K, read_end, u_row, other, softcap, ACC: tl.constexpr,
-                CAP: tl.constexpr, COLUMN_WEIGHTS: tl.constexpr):
+def _load_block(z_rows, class_stride, start, cols, K, keep, in_tile, u_row, other, softcap, ACC: tl.constexpr,
+                CAP: tl.constexpr, COLUMN_WEIGHTS: tl.constexpr, STRIDED: tl.constexpr):
     """Columns start + cols of a tile of rows (row pointers ``z_rows``, (ROWS,)): the logits as
-    the loss sees them (ROWS, BLOCK), ``other`` past each row's ``read_end``; which columns
-    are in the rows (1, BLOCK); the class weights u_j (1, BLOCK) or 1."""
+    the loss sees them (ROWS, BLOCK), ``other`` in the rows not kept and past the last column;
+    which columns are in the rows (1, BLOCK); the class weights u_j (1, BLOCK) or 1.
+
+    Rows not kept are not read, except in a class-strided tile: there a mask that changes from
+    one position to the next would stop vector loads along the positions, so they are read and
+    then replaced."""
     j = start + cols
     in_row = (j < K)[None, :]
-    z = _load_logits(z_rows[:, None] + (j.to(tl.int64) * class_stride)[None, :], j[None, :] < read_end[:, None],
-                     other, softcap, ACC, CAP)
+    offsets = (j.to(tl.int64) * class_stride)[None, :]
+    if STRIDED:
+        z = _load_logits(z_rows[:, None] + offsets, in_row & in_tile[:, None], other, softcap, ACC, CAP)
+        z = tl.where(keep[:, None], z, other)
+    else:
+        z = _load_logits(z_rows[:, None] + offsets, in_row & keep[:, None], other, softcap, ACC, CAP)
     u = tl.load(u_row + j, mask=j < K, other=0.0).to(ACC)[None, :] if COLUMN_WEIGHTS else 1.0
     return z, in_row, u
 
@@ -283,7 +291,7 @@ def _loss_kernel(
     TILE_BUDGET: tl.constexpr, ROWS: tl.constexpr,
 ):
     """A tile of ROWS positions s of one batch b (rows b·S + s) × their K columns, the global
-    columns vocab_start + j of total_classes. STRIDED and TILE_BUDGET only steer autotuning."""
+    columns vocab_start + j of total_classes. TILE_BUDGET only steers autotuning."""
     tiles = tl.cdiv(S, ROWS)
     program = tl.program_id(0)
     batch = (program // tiles).to(tl.int64)
@@ -312,8 +320,6 @@ def _loss_kernel(
     z_loss = _scalar(z_loss, ACC)
     softcap = _scalar(softcap, ACC)
     other = 0.0 if KIND == RESCALED_MSE else float("-inf")
-    # Columns to read: none for an ignored row or a position past the end (gradient: zeros).
-    read_end = tl.where(keep, K, 0)
     cols = tl.arange(0, BLOCK)
     u_row = weight_ptr + vocab_start
     is_target = cols[None, :] == y_local[:, None]
@@ -335,8 +341,8 @@ def _loss_kernel(
                                     softcap, ACC, CAP)
         if ONE_SWEEP:
             # The whole rows (K <= BLOCK) in registers: read once.
-            z, in_row, u = _load_block(z_rows, logits_stride_k, 0, cols, K, read_end, u_row, other, softcap, ACC,
-                                       CAP, COLUMN_WEIGHTS)
+            z, in_row, u = _load_block(z_rows, logits_stride_k, 0, cols, K, keep, in_tile, u_row, other, softcap,
+                                       ACC, CAP, COLUMN_WEIGHTS, STRIDED)
             row_max, sumexp, linear, has_nan = _block_statistics(z, in_row, is_target, u, KIND)
         else:
             # Online max / sum-exp over column blocks.
@@ -345,8 +351,8 @@ def _loss_kernel(
             linear = tl.zeros([ROWS], ACC)
             has_nan = tl.zeros([ROWS], ACC)
             for start in range(0, K, BLOCK):
-                z_block, in_block, u = _load_block(z_rows, logits_stride_k, start, cols, K, read_end, u_row, other,
-                                                   softcap, ACC, CAP, COLUMN_WEIGHTS)
+                z_block, in_block, u = _load_block(z_rows, logits_stride_k, start, cols, K, keep, in_tile, u_row,
+                                                   other, softcap, ACC, CAP, COLUMN_WEIGHTS, STRIDED)
                 block_max, block_sumexp, block_linear, block_nan = _block_statistics(
                     z_block, in_block, (start + cols[None, :]) == y_local[:, None], u, KIND)
                 row_max, sumexp = _merge_sumexp(row_max, sumexp, block_max, block_sumexp)
@@ -375,8 +381,8 @@ def _loss_kernel(
         else:
             # The gradient sweep, block by block, recomputing exp(z - max).
             for start in range(0, K, BLOCK):
-                z_block, in_block, u = _load_block(z_rows, logits_stride_k, start, cols, K, read_end, u_row, other,
-                                                   softcap, ACC, CAP, COLUMN_WEIGHTS)
+                z_block, in_block, u = _load_block(z_rows, logits_stride_k, start, cols, K, keep, in_tile, u_row,
+                                                   other, softcap, ACC, CAP, COLUMN_WEIGHTS, STRIDED)
                 g = _gradient_block(z_block, (start + cols[None, :]) == y_local[:, None], u, row_max, a, c,
                                     grad_target, keep_row, softcap, KIND, CAP)
                 g_tile = g_rows[:, None] + ((start + cols).to(tl.int64) * grad_stride_k)[None, :]
