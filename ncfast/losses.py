@@ -69,6 +69,8 @@ def _torch_forward(logits, target, weight, alpha, grad, lse, loss, params, ignor
 def _triton_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
     from .triton_kernels import losses as kernels
 
+    # The logits as they lie, (N, K) or a (B, K, S) view with any strides: the kernel reads
+    # class-strided tiles in place and writes the gradient in ``grad``'s own layout.
     return kernels.loss_forward(logits, target, weight, alpha, grad, LOSSES.index(loss), params, ignore_index, mean,
                                 lse)
 
