@@ -456,7 +456,7 @@ def loss_forward(logits, target, weight, alpha, grad, kind, params, ignore_index
     host sync). ``lse``, when given, a (B·S,) tensor of row_loss's dtype, receives each row's
     log-sum-exp (0 for ignored rows and for the MSE).
 
-    logits (B, K, S) with any strides — (N, K d1·d2·…) dense predictions, the class stride
+    logits (B, K, S) with any strides — (N, K, d1·d2·…) dense predictions: the class stride
     need not be 1 — or (N, K), read as (N, K, 1); target (B, S) (or (N,)) int64; weight, alpha
     (K,) or None; grad of the logits' shape with any strides (the caller's layout), may be
     ``logits`` itself; kind 0/1/2 = cross-entropy / focal / rescaled MSE; params:
