@@ -577,6 +577,36 @@ def test_new_tiles_dtypes(loss, dtype, layout):
     check_against_reference_and_cpp(loss, logits, target, params, weight, alpha, grad, rows, lse)
 
 
+@interpreted
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_dense_predictions_end_to_end(loss, inplace, monkeypatch):
+    """(N, K, H, W) logits through the public API reach the kernel as the (N, K, H·W) view of
+    their own storage (class stride H·W: no transposed copy), in place too; loss and gradient
+    match the float64 reference and the C++ backend."""
+    logits, target = make_inputs(2 * 4 * 5, 7, torch.float32, scale=1.0 if loss == "rescaled_mse" else 3.0)
+    logits = logits.reshape(2, 4, 5, 7).permute(0, 3, 1, 2).contiguous()
+    target = target.reshape(2, 4, 5)
+    opts = options_for(loss, 7)
+    strides = []
+    launch = kernels.loss_forward
+
+    def spy(z, *args):
+        strides.append(z.stride())
+        return launch(z, *args)
+
+    monkeypatch.setattr(kernels, "loss_forward", spy)
+    value, grad = loss_and_grad(loss, logits, target, "triton", "mean", inplace=inplace, **opts)
+    assert strides == [(7 * 20, 20, 1)]
+    rows_logits, rows_target = as_rows(logits.flatten(2), target.flatten(1))
+    expected, expected_grad = reference_loss_and_grad(loss, rows_logits, rows_target, "mean", **opts)
+    assert_near(value, expected, torch.float32)
+    assert_near(grad, expected_grad.reshape(2, 20, 7).movedim(-1, 1).reshape(logits.shape), torch.float32)
+    cpp_value, cpp_grad = loss_and_grad(loss, logits, target, "cpp", "mean", inplace=inplace, **opts)
+    assert_near_cpp(value, cpp_value, torch.float32)
+    assert_near_cpp(grad, cpp_grad, torch.float32)
+
+
 def test_tile_choice():
     """Autotuning's candidates: several rows per program only for rows of at most
     MULTI_ROW_CLASSES (padded) columns, wide position tiles when the class stride is not 1,
