@@ -81,8 +81,8 @@ def _row_counts(block, budget, strided):
 
 def _prune_configs(configs, named_args, **kwargs):
     """Autotuning's candidates for this launch. Under the interpreter one: the largest tile of
-    at most ``INTERPRETER_TILE`` elements. On a GPU the four largest tiles that fit, each with
-    between 1 and 64 elements per thread."""
+    at most ``INTERPRETER_TILE`` elements (else the smallest candidate). On a GPU the four
+    largest tiles that fit, each with between 1 and 64 elements per thread."""
     block = kwargs["BLOCK"]
     counts = _row_counts(block, kwargs["TILE_BUDGET"], kwargs["STRIDED"])
     if INTERPRETED:
