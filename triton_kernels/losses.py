@@ -64,6 +64,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs():
+    """Warps to try for a kernel of one program per row (one config under the interpreter)."""
+    if INTERPRETED:
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)]
+
+
+def _tile_configs():
+    """Positions per program × warps to try for the tiled kernel (:func:`_prune_configs`
+    narrows them to the launch, to one under the interpreter)."""
     warps = (4,) if INTERPRETED else (1, 2, 4, 8, 16, 32)
     return [triton.Config({"ROWS": rows}, num_warps=w) for rows in ROW_CHOICES for w in warps]
 
@@ -276,7 +285,7 @@ def _load_block(z_rows, class_stride, start, cols, K, keep, in_tile, u_row, othe
 # --------------------------------------------------------------------------------------------
 # kernel
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["K", "BLOCK", "PHASE", "STRIDED", "TILE_BUDGET"],
+@triton.autotune(configs=_tile_configs(), key=["K", "BLOCK", "PHASE", "STRIDED", "TILE_BUDGET"],
                  prune_configs_by={"early_config_prune": _prune_configs}, restore_value=["grad_ptr"])
 @triton.jit
 def _loss_kernel(
