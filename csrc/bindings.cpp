@@ -3,7 +3,9 @@
 
 namespace ncfast {
 
-View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable) {
+namespace {
+
+py::buffer_info checked_info(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable) {
   py::buffer_info info = buffer.request(writable);
   if (info.ndim != ndim) {
     throw py::value_error(std::string(name) + ": expected a " + std::to_string(ndim) +
@@ -13,6 +15,28 @@ View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsi
     throw py::value_error(std::string(name) + ": expected items of " + std::to_string(itemsize) +
                           " bytes, got " + std::to_string(info.itemsize));
   }
+  for (int d = 0; d < ndim; ++d) {
+    if (info.strides[d] % info.itemsize != 0)
+      throw py::value_error(std::string(name) + ": strides must be whole elements");
+  }
+  return info;
+}
+
+}  // namespace
+
+StridedView strided_view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable) {
+  py::buffer_info info = checked_info(buffer, name, ndim, itemsize, writable);
+  StridedView v;
+  v.data = info.ptr;
+  for (int d = 0; d < ndim; ++d) {
+    v.shape[d] = info.shape[d];
+    v.strides[d] = info.strides[d] / info.itemsize;
+  }
+  return v;
+}
+
+View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable) {
+  py::buffer_info info = checked_info(buffer, name, ndim, itemsize, writable);
   View v;
   v.data = info.ptr;
   v.rows = info.shape[0];

@@ -39,7 +39,7 @@ NCFAST_INLINE float to_float(f16 v) { return static_cast<float>(v); }
 NCFAST_INLINE float to_float(float v) { return v; }
 NCFAST_INLINE double to_float(double v) { return v; }
 
-// Accumulation type: fp32 for every 16/32-bit input, fp64 for fp64 (SPEC §1).
+// Accumulation type: fp32 for every 16/32-bit input, fp64 for fp64.
 template <typename T>
 struct acc_of {
   using type = float;
@@ -87,6 +87,56 @@ NCFAST_INLINE float vexp(float x) {
 }
 NCFAST_INLINE double vexp(double x) { return std::exp(x); }
 
+// log on the vector units for x ≥ 0 (0 gives -inf, +inf gives +inf, NaN and x < 0 give NaN):
+// x = 2^n·m with m in [√½, √2), log m from the Cephes single-precision polynomial in m - 1
+// (relative error ≈ 1e-7); subnormal x are scaled by 2^23 first. Branch-free.
+NCFAST_INLINE float vlog(float x) {
+  const bool subnormal = x < 1.17549435e-38f;
+  const float xs = subnormal ? x * 8388608.0f : x;
+  const int32_t u = static_cast<int32_t>(__builtin_bit_cast(uint32_t, xs));
+  // n such that m = xs / 2^n lies in [√½, √2): 0x3f3504f3 is the bits of √½.
+  const int32_t n = (u - 0x3f3504f3) >> 23;
+  const float m = __builtin_bit_cast(float, static_cast<uint32_t>(u - static_cast<int32_t>(static_cast<uint32_t>(n) << 23)));
+  const float e = static_cast<float>(n) - (subnormal ? 23.0f : 0.0f);
+  const float f = m - 1.0f, f2 = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float y = f2 * f * p + e * -2.12194440e-4f - 0.5f * f2;
+  const float result = f + y + e * 0.693359375f;
+  const float inf = __builtin_inff();
+  return x > 0 ? (x < inf ? result : inf) : (x == 0 ? -inf : __builtin_nanf(""));
+}
+NCFAST_INLINE double vlog(double x) { return std::log(x); }
+
+// e^x - 1 on the vector units for x ≤ 0, relative accuracy ≈ 2e-7 everywhere: a Taylor
+// polynomial near 0 (where e^x - 1 would cancel), vexp(x) - 1 below -0.35 (≤ -0.29 there).
+NCFAST_INLINE float vexpm1(float x) {
+  float p = 1.0f / 40320;
+  p = p * x + 1.0f / 5040;
+  p = p * x + 1.0f / 720;
+  p = p * x + 1.0f / 120;
+  p = p * x + 1.0f / 24;
+  p = p * x + 1.0f / 6;
+  p = p * x + 0.5f;
+  const float small = x + x * x * p;
+  return x > -0.35f ? small : vexp(x) - 1.0f;
+}
+NCFAST_INLINE double vexpm1(double x) { return std::expm1(x); }
+
+// x^g for x in [0, 1] and g ≥ 0 (0^0 = 1), on the vector units.
+NCFAST_INLINE float vpow_unit(float x, float g) {
+  const float positive = vexp(g * vlog(x > 0 ? x : 1.0f));
+  return x > 0 ? positive : (g == 0 ? 1.0f : 0.0f);
+}
+NCFAST_INLINE double vpow_unit(double x, double g) { return std::pow(x, g); }
+
 // tanh on the vector units: an odd polynomial near 0 (relative accuracy where 1 - 2/(e^{2x}+1)
 // would cancel), 1 - 2/(e^{2|x|} + 1) elsewhere; branch-free.
 NCFAST_INLINE float vtanh(float x) {
@@ -116,8 +166,28 @@ struct View {
 // Checks a buffer's rank and item size and returns its view; raises ValueError naming `name`.
 View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable);
 
+// A view of a Python buffer of up to three dimensions with any strides (in elements).
+struct StridedView {
+  void* data = nullptr;
+  int64_t shape[3] = {1, 1, 1};
+  int64_t strides[3] = {0, 0, 0};
+};
+
+// Checks a buffer's rank and item size and returns its shape and strides; raises ValueError
+// naming `name`.
+StridedView strided_view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable);
+
 // The number of threads a kernel may use, as the caller asked (torch.get_num_threads()).
 inline int thread_count(int requested) { return requested > 0 ? requested : 1; }
+
+// This thread's index in the enclosing parallel region (0 outside one).
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 // Splits [0, n) into `threads` contiguous ranges, one per OpenMP thread, and runs
 // body(begin, end) on each. The split depends only on n and the thread count actually

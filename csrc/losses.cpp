@@ -1,5 +1,6 @@
 // Fused loss + gradient for cross-entropy (label smoothing, z-loss, logit softcap), focal and
-// rescaled MSE (SPEC §1, §7).
+// rescaled MSE (Zhou et al., NeurIPS 2022, "Are All Losses Created Equal: A Neural Collapse
+// Perspective", eq. (3)-(6)).
 //
 // The work on one row is three shared pieces:
 //   row_stats      one sweep over the logits (max, NaN flag, Σ_j w_j z_j, z_y), and a second
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -205,21 +207,41 @@ NCFAST_INLINE RowStats<A> row_stats(const T* z, int64_t y_local, const Slice& sl
   return s;
 }
 
-// log p_y and 1 - p_y = -expm1(log p_y), accurate as p_y -> 1 (SPEC §1, Liger PR #1329).
-template <typename A>
+// The elementary functions of the per-row math: the C library's on the row path (one row at a
+// time), branch-free polynomials (common.h) where a tile of rows is computed across the SIMD
+// lanes.
+struct LibraryMath {
+  template <typename A>
+  static A log(A x) { return std::log(x); }
+  template <typename A>
+  static A expm1(A x) { return std::expm1(x); }
+  template <typename A>
+  static A pow_unit(A x, A g) { return std::pow(x, g); }  // pow(0, 0) = 1
+};
+struct LaneMath {
+  template <typename A>
+  static A log(A x) { return vlog(x); }
+  template <typename A>
+  static A expm1(A x) { return vexpm1(x); }
+  template <typename A>
+  static A pow_unit(A x, A g) { return vpow_unit(x, g); }
+};
+
+// log p_y and 1 - p_y = -expm1(log p_y), accurate as p_y -> 1 (as Liger-Kernel's PR #1329).
+template <typename M, typename A>
 NCFAST_INLINE void target_log_prob(const RowStats<A>& s, A& log_p, A& one_minus_p) {
-  log_p = (s.target_logit - s.max) - std::log(s.sumexp);
-  one_minus_p = -std::expm1(log_p);
+  log_p = (s.target_logit - s.max) - M::log(s.sumexp);
+  one_minus_p = -M::expm1(log_p);
 }
 
 // ℓ = (1-α) w_y (lse - z_y) + (α/K) Σ_j w_j (lse - z_j) + w_y λ lse²: torch's weighted label
 // smoothing (w_y (lse - Σ q_j z_j), q = (1-α)e_y + α/K, without weights) plus the z-loss.
 // g_j = p_j((1-α) w_y + α W/K + 2 w_y λ lse) - (α/K) w_j - (1-α) w_y δ_jy.
-template <typename A>
+template <typename M, typename A>
 NCFAST_INLINE RowResult<A> cross_entropy_row(const RowStats<A>& s, A w_y, A W, A num_classes, A smoothing, A z_loss) {
   A log_p, one_minus_p;
-  target_log_prob(s, log_p, one_minus_p);
-  const A uniform = smoothing / num_classes, log_sumexp = std::log(s.sumexp), lse = s.max + log_sumexp;
+  target_log_prob<M>(s, log_p, one_minus_p);
+  const A uniform = smoothing / num_classes, log_sumexp = M::log(s.sumexp), lse = s.max + log_sumexp;
   A loss = -(1 - smoothing) * w_y * log_p;
   if (smoothing > 0) {
     // Σ_j w_j (lse - z_j), written around the max so that it stays exact for large logits.
@@ -240,17 +262,17 @@ NCFAST_INLINE RowResult<A> cross_entropy_row(const RowStats<A>& s, A w_y, A W, A
 // ℓ = -w_y α_y (1-p_y)^γ log p_y;  g_j = w_y α_y c(δ_jy - p_j) with
 // c = γ(1-p_y)^{γ-1} p_y log p_y - (1-p_y)^γ = (1-p_y)^γ (γ p_y · log p_y/(1-p_y) - 1),
 // where log p_y/(1-p_y) -> -1 as p_y -> 1: finite for every γ ≥ 0, and γ = 0 gives CE exactly.
-template <typename A>
+template <typename M, typename A>
 NCFAST_INLINE RowResult<A> focal_row(const RowStats<A>& s, A w_y, A gamma, A alpha_y) {
   A log_p, one_minus_p;
-  target_log_prob(s, log_p, one_minus_p);
+  target_log_prob<M>(s, log_p, one_minus_p);
   const A factor = w_y * alpha_y;
   const A p = 1 - one_minus_p;
-  const A modulator = std::pow(one_minus_p, gamma);  // pow(0, 0) = 1
+  const A modulator = M::pow_unit(one_minus_p, gamma);
   const A log_ratio = one_minus_p > 0 ? log_p / one_minus_p : A(-1);
   const A c = modulator * (gamma * p * log_ratio - 1);
   return {-factor * modulator * log_p, -factor * c / s.sumexp, A(0), factor * c * one_minus_p,
-          s.max + std::log(s.sumexp)};
+          s.max + M::log(s.sumexp)};
 }
 
 // ℓ = w_y (κ(z_y - β)² + Σ_{j≠y} z_j²);  g_j = 2 w_y z_j, g_y = 2 w_y κ(z_y - β).
@@ -260,18 +282,36 @@ NCFAST_INLINE RowResult<A> rescaled_mse_row(const RowStats<A>& s, A w_y, A kappa
   return {w_y * (kappa * d * d + s.sumexp), 2 * w_y, A(0), 2 * w_y * kappa * d, A(0)};
 }
 
+// The loss and gradient coefficients of one row for a loss known at compile time. Everything is
+// computed and the NaN row selected at the end (no branch), so that a loop over a tile of rows
+// vectorises.
+template <int kKind, typename M, typename A>
+NCFAST_INLINE RowResult<A> row_result_of(const RowStats<A>& s, const LossOptions& opt, A w_y, A alpha_y, A W,
+                                         int64_t num_classes) {
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  RowResult<A> r;
+  bool bad;
+  if constexpr (kKind == kRescaledMSE) {
+    r = rescaled_mse_row<A>(s, w_y, A(opt.kappa), A(opt.beta));
+    bad = s.has_nan != 0;
+  } else {
+    if constexpr (kKind == kFocal) {
+      r = focal_row<M, A>(s, w_y, A(opt.gamma), alpha_y);
+    } else {
+      r = cross_entropy_row<M, A>(s, w_y, W, static_cast<A>(num_classes), A(opt.label_smoothing), A(opt.z_loss));
+    }
+    // NaN or +inf anywhere in the row (or all -inf): the row is NaN, as in torch.
+    bad = s.has_nan != 0 || !(s.max - s.max == 0);
+  }
+  return bad ? RowResult<A>{nan, nan, nan, nan, nan} : r;
+}
+
 template <typename A>
 NCFAST_INLINE RowResult<A> row_result(const RowStats<A>& s, const LossOptions& opt, A w_y, A alpha_y, A W,
                                       int64_t num_classes) {
-  const A nan = std::numeric_limits<A>::quiet_NaN();
-  if (opt.kind == kRescaledMSE) {
-    RowResult<A> r = rescaled_mse_row<A>(s, w_y, A(opt.kappa), A(opt.beta));
-    return s.has_nan != 0 ? RowResult<A>{nan, nan, nan, nan, nan} : r;
-  }
-  // NaN or +inf anywhere in the row (or all -inf): the row is NaN, as in torch.
-  if (s.has_nan != 0 || !std::isfinite(s.max)) return {nan, nan, nan, nan, nan};
-  if (opt.kind == kFocal) return focal_row<A>(s, w_y, A(opt.gamma), alpha_y);
-  return cross_entropy_row<A>(s, w_y, W, static_cast<A>(num_classes), A(opt.label_smoothing), A(opt.z_loss));
+  if (opt.kind == kRescaledMSE) return row_result_of<kRescaledMSE, LibraryMath>(s, opt, w_y, alpha_y, W, num_classes);
+  if (opt.kind == kFocal) return row_result_of<kFocal, LibraryMath>(s, opt, w_y, alpha_y, W, num_classes);
+  return row_result_of<kCrossEntropy, LibraryMath>(s, opt, w_y, alpha_y, W, num_classes);
 }
 
 // Where v_j comes from in the gradient sweep.
@@ -353,21 +393,31 @@ NCFAST_INLINE void write_gradient_for(bool column_weights, T* g, const T* z, con
   }
 }
 
+// Where the elements of a (B, K, S) buffer lie: position i = b·S + s (a row of the loss) starts
+// at b·outer + s·inner and its classes are `classes` elements apart. (N, K) is S = 1.
+struct Layout {
+  int64_t outer, inner, classes;
+  NCFAST_INLINE int64_t at(int64_t i, int64_t S) const {
+    return S == 1 ? i * outer : (i / S) * outer + (i % S) * inner;
+  }
+};
+
 template <typename T>
 struct LossArgs {
   using A = typename acc_of<T>::type;
   const T* logits;
-  int64_t logits_stride;
+  Layout logits_layout;
   const int64_t* target;
-  int64_t target_stride;
+  Layout target_layout;        // (B, S): classes unused
   const double* class_weight;  // (K_total,) or null
   const double* alpha;         // (K_total,) or null (focal only)
   T* grad;
-  int64_t grad_stride;
-  A* row_loss;  // (N,) or null
-  A* row_lse;   // (N,) or null
+  Layout grad_layout;
+  A* row_loss;  // (B·S,) or null
+  A* row_lse;   // (B·S,) or null
   A* stats;     // (N, kStatsFields): written by loss_row_stats, read by loss_from_stats
-  int64_t num_rows;
+  int64_t num_rows;  // positions B·S
+  int64_t inner;     // S
   Slice slice;
   int64_t ignore_index;
   double total_class_weight;  // W = Σ_j w_j over all classes
@@ -389,8 +439,8 @@ NCFAST_INLINE void loss_rows_impl(const LossArgs<T>& args, int64_t begin, int64_
   const bool column_weights = args.class_weight && opt.kind == kCrossEntropy && opt.label_smoothing > 0;
   const double* u = args.class_weight ? args.class_weight + slice.offset : nullptr;
   for (int64_t i = begin; i < end; ++i) {
-    const T* z = args.logits + i * args.logits_stride;
-    const int64_t y = args.target[i * args.target_stride];
+    const T* z = args.logits + args.logits_layout.at(i, args.inner);
+    const int64_t y = args.target[args.target_layout.at(i, args.inner)];
     const int64_t y_local = y - slice.offset;
     const bool local_target = 0 <= y_local && y_local < K;
     A* stats = args.stats ? args.stats + i * kStatsFields : nullptr;
@@ -398,7 +448,7 @@ NCFAST_INLINE void loss_rows_impl(const LossArgs<T>& args, int64_t begin, int64_
       if constexpr (kPhase == Phase::stats) {
         for (int f = 0; f < kStatsFields; ++f) stats[f] = 0;
       } else {
-        T* g = args.grad + i * args.grad_stride;
+        T* g = args.grad + args.grad_layout.at(i, args.inner);
         for (int64_t j = 0; j < K; ++j) g[j] = from_acc<T>(0);
         args.row_loss[i] = 0;
         if (args.row_lse) args.row_lse[i] = 0;
@@ -431,7 +481,7 @@ NCFAST_INLINE void loss_rows_impl(const LossArgs<T>& args, int64_t begin, int64_
       const A W = column_weights ? static_cast<A>(args.total_class_weight) : static_cast<A>(slice.total);
       const RowResult<A> r = row_result<A>(s, opt, w_y, alpha_y, W, slice.total);
       const A scale = static_cast<A>(args.grad_scale);
-      T* g = args.grad + i * args.grad_stride;
+      T* g = args.grad + args.grad_layout.at(i, args.inner);
       const A ga = scale * r.a, gc = scale * r.c;
       // y_local outside [0, K): the target's column lives on another process.
       const A gy = local_target ? scale * r.grad_target * cap_derivative<kCap>(s.target_logit, inv_cap) : A(0);
@@ -460,13 +510,151 @@ NCFAST_INLINE void loss_rows(const LossArgs<T>& args, int64_t begin, int64_t end
   }
 }
 
+// A tile of kTile positions at once, one per SIMD lane: rows too short to fill the vector units
+// one at a time (below kTileMaxClasses classes), and positions of a class-strided (B, K, S)
+// layout, whose classes are S elements apart. The tile is read into a class-major block
+// zt[k·kTile + p] (contiguous along p for a class-strided layout; a transposition in L1 for
+// short rows), the statistics are computed along k for all lanes at once, row_result_of with
+// the branch-free lane math, then the gradient, stored back in the caller's layout. Padding
+// lanes of a partial tile repeat its first position and are never stored, so every position
+// goes through the same vector code: the bits do not depend on where a thread's range starts.
+constexpr int kTile = 32;
+constexpr int64_t kTileMaxClasses = 128;
+
+template <int kKind, bool kCap, bool kColumnWeights, typename T>
+NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, int64_t end_tile,
+                                   typename acc_of<T>::type* scratch) {
+  using A = typename acc_of<T>::type;
+  constexpr int P = kTile;
+  constexpr bool kSoftmax = kKind != kRescaledMSE;
+  const LossOptions& opt = args.opt;
+  const int64_t K = args.slice.num_classes, S = args.inner, positions = args.num_rows;
+  const Layout &zl = args.logits_layout, &gl = args.grad_layout, &tl = args.target_layout;
+  const A cap = static_cast<A>(opt.softcap), inv_cap = kCap ? 1 / cap : A(0);
+  const A W = kColumnWeights ? static_cast<A>(args.total_class_weight) : static_cast<A>(args.slice.total);
+  const A scale = static_cast<A>(args.grad_scale);
+  const double* u = args.class_weight;
+  A* zt = scratch;         // the (capped) logits
+  A* out = scratch + K * P;  // exp(z - max), then the gradient
+  for (int64_t tile = first_tile; tile < end_tile; ++tile) {
+    const int64_t i0 = tile * P, n = std::min<int64_t>(P, positions - i0);
+    // A full tile inside one b, contiguous along s: loads and stores are plain vector moves.
+    const bool one_segment = S > 1 && i0 / S == (i0 + P - 1) / S;
+    alignas(64) int64_t y[P];
+    alignas(64) int active[P];
+    for (int p = 0; p < P; ++p) {
+      const int64_t target = args.target[tl.at(i0 + (p < n ? p : 0), S)];
+      active[p] = p < n && target != args.ignore_index;
+      y[p] = active[p] ? target : 0;
+    }
+    if (n == P && one_segment && zl.inner == 1) {
+      const T* z = args.logits + zl.at(i0, S);
+      for (int64_t k = 0; k < K; ++k) {
+#pragma omp simd
+        for (int p = 0; p < P; ++p) zt[k * P + p] = load_logit<kCap>(z[k * zl.classes + p], cap, inv_cap);
+      }
+    } else {
+      int64_t offset[P];
+      for (int p = 0; p < P; ++p) offset[p] = zl.at(i0 + (p < n ? p : 0), S);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int p = 0; p < P; ++p) zt[k * P + p] = load_logit<kCap>(args.logits[offset[p] + k * zl.classes], cap, inv_cap);
+      }
+    }
+    // Statistics along k, as row_stats computes them for one row.
+    alignas(64) A max[P], sum[P], weighted_sum[P], has_nan[P], target_logit[P];
+    for (int p = 0; p < P; ++p) {
+      max[p] = kSoftmax ? -std::numeric_limits<A>::infinity() : A(0);
+      sum[p] = weighted_sum[p] = has_nan[p] = 0;
+      target_logit[p] = zt[y[p] * P + p];
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const A uk = kColumnWeights ? static_cast<A>(u[k]) : A(1);
+#pragma omp simd
+      for (int p = 0; p < P; ++p) {
+        const A z = zt[k * P + p];
+        has_nan[p] = z != z ? A(1) : has_nan[p];
+        if constexpr (kSoftmax) {
+          max[p] = z > max[p] ? z : max[p];
+          weighted_sum[p] += uk * z;
+        } else {
+          sum[p] += k == y[p] ? A(0) : z * z;
+        }
+      }
+    }
+    if constexpr (kSoftmax) {
+      for (int64_t k = 0; k < K; ++k) {
+#pragma omp simd
+        for (int p = 0; p < P; ++p) {
+          const A e = vexp(zt[k * P + p] - max[p]);
+          out[k * P + p] = e;
+          sum[p] += e;
+        }
+      }
+    }
+    alignas(64) A ga[P], gc[P], gy[P], loss[P], lse[P];
+#pragma omp simd
+    for (int p = 0; p < P; ++p) {
+      const RowStats<A> st{max[p], sum[p], target_logit[p], weighted_sum[p], has_nan[p]};
+      const A w_y = u ? static_cast<A>(u[y[p]]) : A(1);
+      const A alpha_y = args.alpha ? static_cast<A>(args.alpha[y[p]]) : A(1);
+      const RowResult<A> r = row_result_of<kKind, LaneMath>(st, opt, w_y, alpha_y, W, args.slice.total);
+      const bool on = active[p] != 0;
+      ga[p] = on ? scale * r.a : A(0);
+      gc[p] = on ? scale * r.c : A(0);
+      gy[p] = on ? scale * r.grad_target * cap_derivative<kCap>(target_logit[p], inv_cap) : A(0);
+      loss[p] = on ? r.loss : A(0);
+      lse[p] = on ? r.lse : A(0);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const A uk = kColumnWeights ? static_cast<A>(u[k]) : A(1);
+#pragma omp simd
+      for (int p = 0; p < P; ++p) {
+        const A z = zt[k * P + p], v = kSoftmax ? out[k * P + p] : z;
+        const A g = (ga[p] * v + gc[p] * uk) * cap_derivative<kCap>(z, inv_cap);
+        out[k * P + p] = active[p] == 0 ? A(0) : (k == y[p] ? gy[p] : g);
+      }
+    }
+    if (n == P && one_segment && gl.inner == 1) {
+      T* g = args.grad + gl.at(i0, S);
+      for (int64_t k = 0; k < K; ++k) {
+#pragma omp simd
+        for (int p = 0; p < P; ++p) g[k * gl.classes + p] = from_acc<T>(out[k * P + p]);
+      }
+    } else {
+      for (int p = 0; p < n; ++p) {
+        T* g = args.grad + gl.at(i0 + p, S);
+        for (int64_t k = 0; k < K; ++k) g[k * gl.classes] = from_acc<T>(out[k * P + p]);
+      }
+    }
+    for (int p = 0; p < n; ++p) {
+      args.row_loss[i0 + p] = loss[p];
+      if (args.row_lse) args.row_lse[i0 + p] = lse[p];
+    }
+  }
+}
+
+// Tiles [first_tile, end_tile) with the loss, softcap and per-column weights fixed at compile
+// time (softcap and label-smoothing weights are cross-entropy options).
+template <typename T>
+NCFAST_INLINE void loss_tiles(const LossArgs<T>& args, int64_t first_tile, int64_t end_tile,
+                              typename acc_of<T>::type* scratch) {
+  const LossOptions& opt = args.opt;
+  if (opt.kind == kRescaledMSE) return loss_tiles_impl<kRescaledMSE, false, false>(args, first_tile, end_tile, scratch);
+  if (opt.kind == kFocal) return loss_tiles_impl<kFocal, false, false>(args, first_tile, end_tile, scratch);
+  const bool cap = opt.softcap > 0, column_weights = args.class_weight && opt.label_smoothing > 0;
+  if (cap && column_weights) return loss_tiles_impl<kCrossEntropy, true, true>(args, first_tile, end_tile, scratch);
+  if (cap) return loss_tiles_impl<kCrossEntropy, true, false>(args, first_tile, end_tile, scratch);
+  if (column_weights) return loss_tiles_impl<kCrossEntropy, false, true>(args, first_tile, end_tile, scratch);
+  loss_tiles_impl<kCrossEntropy, false, false>(args, first_tile, end_tile, scratch);
+}
+
 // One clone set per element type and phase (target_clones does not apply to templates).
 template <typename T>
 using RowsFn = void (*)(const LossArgs<T>&, int64_t, int64_t, typename acc_of<T>::type*);
 
 template <typename T>
 struct RowsFns {
-  RowsFn<T> fused, stats, from_stats;
+  RowsFn<T> fused, stats, from_stats, tiles;
 };
 template <typename T>
 RowsFns<T> rows_fns();
@@ -482,9 +670,12 @@ RowsFns<T> rows_fns();
   NCFAST_CLONES void from_stats_##SUFFIX(const LossArgs<T>& args, int64_t begin, int64_t end, A* s) { \
     loss_rows<Phase::from_stats>(args, begin, end, s);                                            \
   }                                                                                               \
+  NCFAST_CLONES void tiles_##SUFFIX(const LossArgs<T>& args, int64_t begin, int64_t end, A* s) {      \
+    loss_tiles(args, begin, end, s);                                                              \
+  }                                                                                               \
   template <>                                                                                     \
   RowsFns<T> rows_fns<T>() {                                                                      \
-    return {fused_##SUFFIX, stats_##SUFFIX, from_stats_##SUFFIX};                                 \
+    return {fused_##SUFFIX, stats_##SUFFIX, from_stats_##SUFFIX, tiles_##SUFFIX};                 \
   }
 NCFAST_LOSS_ROWS(f32, float, float)
 NCFAST_LOSS_ROWS(f64, double, double)
@@ -493,12 +684,12 @@ NCFAST_LOSS_ROWS(f16, f16, float)
 #undef NCFAST_LOSS_ROWS
 
 // Checks every target against [0, total) (out-of-range values are reported, never read
-// through) and returns Σ_i w_{y_i} over the rows that are not ignored.
-double check_targets(const int64_t* target, int64_t stride, int64_t n, int64_t total, int64_t ignore_index,
-                     const double* class_weight) {
+// through) and returns Σ_i w_{y_i} over the positions that are not ignored.
+double check_targets(const int64_t* target, const Layout& layout, int64_t n, int64_t S, int64_t total,
+                     int64_t ignore_index, const double* class_weight) {
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    int64_t y = target[i * stride];
+    int64_t y = target[layout.at(i, S)];
     if (y == ignore_index) continue;
     if (y < 0 || y >= total) {
       throw py::value_error("target: value " + std::to_string(y) + " at index " + std::to_string(i) +
@@ -527,19 +718,22 @@ size_t itemsize_of(const std::string& dtype) {
   throw py::type_error("logits: unsupported dtype " + dtype);
 }
 
-// Runs `fn` over all rows, split evenly over the threads (each row's result is independent of
-// the split, so any thread count gives the same bits).
+// Runs `fn` over all rows (or all tiles of kTile positions), split evenly over the threads
+// (each position's result is independent of the split, so any thread count gives the same
+// bits). The threads' scratch (`scratch_size` accumulators each) is allocated here, before
+// the parallel region: a failed allocation raises MemoryError instead of aborting.
 template <typename T>
-void run_rows(const LossArgs<T>& args, RowsFn<T> fn, bool need_scratch, int num_threads) {
+void run_rows(const LossArgs<T>& args, RowsFn<T> fn, bool tiles, int64_t scratch_size, int num_threads) {
   using A = typename acc_of<T>::type;
   const int64_t N = args.num_rows, K = args.slice.num_classes;
   if (N == 0 || K == 0) return;
+  const int64_t items = tiles ? (N + kTile - 1) / kTile : N;
   // Below ~64K logits a thread costs more than it saves.
   const int64_t work_threads = std::max<int64_t>(1, (N * K) / 65536);
-  const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, N}));
-  parallel_ranges(N, threads, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(need_scratch ? K + (K + kRowBlock - 1) / kRowBlock : 0);
-    fn(args, begin, end, need_scratch ? scratch.data() : nullptr);
+  const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, items}));
+  std::unique_ptr<A[]> scratch(scratch_size > 0 ? new A[scratch_size * threads] : nullptr);
+  parallel_ranges(items, threads, [&](int64_t begin, int64_t end) {
+    fn(args, begin, end, scratch ? scratch.get() + scratch_size * thread_index() : nullptr);
     _mm_sfence();  // the streaming stores are visible before the caller reads the gradient
   });
 }
@@ -557,19 +751,46 @@ struct Call {
   int64_t vocab_start, total_classes;  // total_classes < 0: all classes are here
 };
 
+// A (B, K, S) buffer as the kernels see it: (N, K) buffers are B = N, S = 1.
+struct Blocks {
+  void* data;
+  int64_t B, K, S;
+  Layout layout;
+};
+
+Blocks blocks_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable) {
+  if (ndim == 3) {
+    StridedView v = strided_view_of(buffer, name, 3, itemsize, writable);
+    return {v.data, v.shape[0], v.shape[1], v.shape[2], {v.strides[0], v.strides[2], v.strides[1]}};
+  }
+  View v = view_of(buffer, name, 2, itemsize, writable);
+  return {v.data, v.rows, v.cols, 1, {v.row_stride, 0, 1}};
+}
+
+// The targets of a (B, K, S) buffer: (B, S), or (N,) when S = 1.
+Blocks targets_of(const py::buffer& buffer, int ndim) {
+  if (ndim == 2) {
+    StridedView v = strided_view_of(buffer, "target", 2, sizeof(int64_t), false);
+    return {v.data, v.shape[0], 1, v.shape[1], {v.strides[0], v.strides[1], 0}};
+  }
+  View v = view_of(buffer, "target", 1, sizeof(int64_t), false);
+  return {v.data, v.rows, 1, 1, {v.row_stride, 0, 0}};
+}
+
 template <typename T>
-LossArgs<T> make_args(const Call& call, const View& logits, const View& target) {
+LossArgs<T> make_args(const Call& call, const Blocks& logits, const Blocks& target) {
   LossArgs<T> args{};
   if (call.kind < kCrossEntropy || call.kind > kRescaledMSE) throw py::value_error("kind: unknown loss");
   args.logits = static_cast<const T*>(logits.data);
-  args.logits_stride = logits.row_stride;
+  args.logits_layout = logits.layout;
   args.target = static_cast<const int64_t*>(target.data);
-  args.target_stride = target.row_stride;
-  args.num_rows = logits.rows;
-  const int64_t total = call.total_classes < 0 ? logits.cols : call.total_classes;
-  if (call.vocab_start < 0 || call.vocab_start + logits.cols > total)
+  args.target_layout = target.layout;
+  args.num_rows = logits.B * logits.S;
+  args.inner = logits.S;
+  const int64_t total = call.total_classes < 0 ? logits.K : call.total_classes;
+  if (call.vocab_start < 0 || call.vocab_start + logits.K > total)
     throw py::value_error("vocab_start: the slice [vocab_start, vocab_start + K) must lie in [0, total_classes)");
-  args.slice = {logits.cols, call.vocab_start, total};
+  args.slice = {logits.K, call.vocab_start, total};
   args.class_weight = optional_vector(call.class_weight, "weight", total);
   args.alpha = optional_vector(call.alpha, "alpha", total);
   args.ignore_index = call.ignore_index;
@@ -577,7 +798,8 @@ LossArgs<T> make_args(const Call& call, const View& logits, const View& target) 
   args.total_class_weight = 0;
   if (args.class_weight)
     for (int64_t k = 0; k < total; ++k) args.total_class_weight += args.class_weight[k];
-  if (target.rows != logits.rows) throw py::value_error("target: length differs from logits' rows");
+  if (target.B != logits.B || target.S != logits.S)
+    throw py::value_error("target: shape differs from the logits' (B, S) positions");
   return args;
 }
 
@@ -586,7 +808,7 @@ A* output_vector(const py::object& obj, const char* name, int64_t n) {
   if (obj.is_none()) return nullptr;
   View v = view_of(obj.cast<py::buffer>(), name, 1, sizeof(A), true);
   if (v.rows != n || (v.row_stride != 1 && n > 1))
-    throw py::value_error(std::string(name) + ": expected a contiguous vector with one entry per row");
+    throw py::value_error(std::string(name) + ": expected a contiguous vector with one entry per position");
   return static_cast<A*>(v.data);
 }
 
@@ -598,10 +820,13 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
                  int num_threads) {
   using A = typename acc_of<T>::type;
   const size_t itemsize = itemsize_of(call.dtype);
-  View logits = view_of(call.logits, "logits", 2, itemsize, false);
-  View target = view_of(call.target, "target", 1, sizeof(int64_t), false);
+  // The forward takes (B, K, S) logits and (B, S) targets; the vocabulary-parallel phases
+  // (N, K) and (N,).
+  const int ndim = entry == Entry::forward ? 3 : 2;
+  const Blocks logits = blocks_of(call.logits, "logits", ndim, itemsize, false);
+  const Blocks target = targets_of(call.target, ndim - 1);
   LossArgs<T> args = make_args<T>(call, logits, target);
-  const int64_t N = logits.rows;
+  const int64_t N = args.num_rows, K = logits.K;
   if (entry != Entry::forward) {
     View stats = view_of(stats_obj.cast<py::buffer>(), "stats", 2, sizeof(A), entry == Entry::stats);
     if (stats.rows != N || stats.cols != kStatsFields || (stats.row_stride != kStatsFields && N > 1))
@@ -609,10 +834,11 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
     args.stats = static_cast<A*>(stats.data);
   }
   if (entry != Entry::stats) {
-    View grad = view_of(grad_obj.cast<py::buffer>(), "grad", 2, itemsize, true);
-    if (grad.rows != N || grad.cols != logits.cols) throw py::value_error("grad: shape differs from logits");
+    const Blocks grad = blocks_of(grad_obj.cast<py::buffer>(), "grad", ndim, itemsize, true);
+    if (grad.B != logits.B || grad.K != K || grad.S != logits.S)
+      throw py::value_error("grad: shape differs from logits");
     args.grad = static_cast<T*>(grad.data);
-    args.grad_stride = grad.row_stride;
+    args.grad_layout = grad.layout;
     args.row_loss = output_vector<A>(row_loss_obj, "row_loss", N);
     if (!args.row_loss) throw py::value_error("row_loss: required");
     args.row_lse = output_vector<A>(row_lse_obj, "row_lse", N);
@@ -620,16 +846,26 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
 
   py::gil_scoped_release release;
   // Every entry reads class_weight[y] and alpha[y]: all targets are checked first.
-  const double counted_weight =
-      check_targets(args.target, args.target_stride, N, args.slice.total, args.ignore_index, args.class_weight);
+  const double counted_weight = check_targets(args.target, args.target_layout, N, args.inner, args.slice.total,
+                                              args.ignore_index, args.class_weight);
   if (entry == Entry::forward) total_weight = counted_weight;
   args.grad_scale = mean ? 1.0 / total_weight : 1.0;
   const RowsFns<T> fns = rows_fns<T>();
-  // exp(z - max) lives in a per-thread scratch row (cache-resident), not in the gradient
-  // buffer, so that the gradient is written exactly once.
-  const bool scratch = entry == Entry::forward && call.kind != kRescaledMSE;
-  run_rows<T>(args, entry == Entry::forward ? fns.fused : entry == Entry::stats ? fns.stats : fns.from_stats,
-              scratch, num_threads);
+  if (entry == Entry::forward) {
+    // Rows with contiguous classes go one at a time when they are long enough to fill the
+    // vector units; short rows and class-strided layouts a tile of positions at a time.
+    const bool rows = (args.logits_layout.classes == 1 && args.grad_layout.classes == 1) || K == 1;
+    if (!rows || K <= kTileMaxClasses) {
+      run_rows<T>(args, fns.tiles, true, 2 * K * kTile, num_threads);
+    } else {
+      // exp(z - max) lives in a per-thread scratch row (cache-resident), not in the gradient
+      // buffer, so that the gradient is written exactly once.
+      const int64_t scratch = call.kind != kRescaledMSE ? K + (K + kRowBlock - 1) / kRowBlock : 0;
+      run_rows<T>(args, fns.fused, false, scratch, num_threads);
+    }
+  } else {
+    run_rows<T>(args, entry == Entry::stats ? fns.stats : fns.from_stats, false, 0, num_threads);
+  }
   return total_weight;
 }
 
@@ -663,10 +899,11 @@ void register_losses(py::module_& m) {
       py::arg("dtype"), py::arg("kind"), py::arg("label_smoothing"), py::arg("gamma"), py::arg("kappa"),
       py::arg("beta"), py::arg("z_loss"), py::arg("softcap"), py::arg("class_weight"), py::arg("alpha"),
       py::arg("ignore_index"), py::arg("mean"), py::arg("num_threads"),
-      "Fused loss and gradient. logits, grad: (N, K), rows contiguous (grad may be the logits "
-      "buffer); target: (N,) int64; row_loss, row_lse (or None): (N,) fp32 (fp64 for fp64 logits) "
-      "receive w_y·ℓ_i and lse_i; class_weight, alpha: (K,) float64 or None. Row i of grad is "
-      "w_y·∂ℓ_i/∂z_i, divided by Σw when mean. Returns Σw over the counted rows.");
+      "Fused loss and gradient. logits, grad: (B, K, S) with any strides ((N, K) is (N, K, 1); "
+      "grad may be the logits buffer); target: (B, S) int64; row_loss, row_lse (or None): "
+      "(B·S,) fp32 (fp64 for fp64 logits), position b·S + s, receive w_y·ℓ and lse; "
+      "class_weight, alpha: (K,) float64 or None. grad[b, :, s] is w_y·∂ℓ/∂z[b, :, s], divided "
+      "by Σw when mean. Returns Σw over the counted positions.");
   m.def(
       "loss_row_stats",
       [](const py::buffer& logits, const py::buffer& target, const py::object& stats, const std::string& dtype,

@@ -16,6 +16,7 @@ The backward pass only scales the stored gradient by the incoming gradient (a sc
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Optional, Sequence, Union
 
@@ -30,7 +31,10 @@ REDUCTIONS = _checks.REDUCTIONS
 
 
 # --------------------------------------------------------------------------------------------
-# backends: each fills ``grad`` (N, K) and returns (per-row loss w_y·ℓ_i, Σw of counted rows)
+# backends: each takes logits as a (B, K, S) view with the caller's strides ((N, K) is
+# (N, K, 1)), targets (B, S), fills ``grad`` (laid out as the logits, or the logits
+# themselves) and ``lse`` (B·S,), and returns (per-position loss w_y·ℓ (B·S,) in b-major order,
+# Σw of the counted positions)
 # --------------------------------------------------------------------------------------------
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -44,10 +48,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _num_positions(logits: Tensor) -> int:
+    """B·S of (B, K, S) logits ((N, K) logits are S = 1): the number of per-position losses."""
+    return logits.shape[0] * (logits.shape[2] if logits.dim() == 3 else 1)
+
+
 def _cpp_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
     from . import _C
 
-    rows = torch.empty(logits.shape[0], dtype=_accumulation_dtype(logits.dtype))
+    rows = torch.empty(_num_positions(logits), dtype=_accumulation_dtype(logits.dtype))
     total = _C.loss_forward(
         _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
         lse.numpy(), _dtype_name(logits.dtype), LOSSES.index(loss), params["label_smoothing"], params["gamma"],
@@ -57,10 +66,17 @@ def _cpp_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_
     return rows, total
 
 
+def _class_last(logits: Tensor) -> Tensor:
+    """(B, K, S) logits as (B·S, K) rows (a copy unless S = 1)."""
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+
+
 def _torch_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
-    z = logits.to(_accumulation_dtype(logits.dtype))
+    z = _class_last(logits).to(_accumulation_dtype(logits.dtype))
+    target = target.reshape(-1)
     rows, g, row_lse = reference.rows_and_grad(loss, z, target, weight, alpha, ignore_index, **params)
     total = reference.total_weight(target, weight, ignore_index, z.dtype)
+    g = g.reshape(logits.shape[0], logits.shape[2], logits.shape[1]).movedim(-1, 1)
     grad.copy_(g / total if mean else g)
     lse.copy_(row_lse)
     return rows, total
@@ -69,6 +85,8 @@ def _torch_forward(logits, target, weight, alpha, grad, lse, loss, params, ignor
 def _triton_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
     from .triton_kernels import losses as kernels
 
+    # The (B, K, S) view as it lies, any strides: the kernel reads class-strided tiles in place
+    # and writes the gradient in ``grad``'s own layout (no transposed copy in or out).
     return kernels.loss_forward(logits, target, weight, alpha, grad, LOSSES.index(loss), params, ignore_index, mean,
                                 lse)
 
@@ -96,13 +114,15 @@ def _reduce(rows: Tensor, total, reduction: str, dtype: torch.dtype) -> Tensor:
 
 
 def _forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction) -> Tensor:
-    """Fills ``grad`` with ∂(reduced loss)/∂logits (per-row losses' gradients for "none") and
-    ``lse`` with each row's log-sum-exp, and returns the reduced loss in the logits' dtype."""
+    """Fills ``grad`` (laid out as the (B, K, S) ``logits``) with ∂(reduced loss)/∂logits
+    (per-position losses' gradients for "none") and ``lse`` (B·S,) with each position's
+    log-sum-exp, and returns the reduced loss in the logits' dtype. (N, K) logits with (N,)
+    targets are taken as S = 1."""
+    if logits.dim() == 2:
+        logits, grad, target = logits[:, :, None], grad[:, :, None], target[:, None]
     backend = _backend.backend_for(logits)
     if backend != "cpp" and target.device.type == "cpu":
-        _check_target_values(target, logits.shape[1], ignore_index)
-    if logits.stride(-1) != 1 and logits.shape[1] > 1:
-        logits = logits.contiguous()
+        _check_target_values(target.reshape(-1), logits.shape[1], ignore_index)
     rows, total = _BACKEND_FORWARD[backend](
         logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction == "mean"
     )
@@ -230,9 +250,10 @@ release_workspace = _workspace.release
 
 
 def _new_gradient(logits: Tensor) -> Tensor:
-    if logits.device.type == "cpu" and hasattr(torch._C, "_storage_Use_Count"):
+    """A gradient buffer laid out as ``logits`` (the workspace when they are contiguous)."""
+    if logits.device.type == "cpu" and logits.is_contiguous() and hasattr(torch._C, "_storage_Use_Count"):
         return _workspace.take(logits.shape, logits.dtype)
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return torch.empty_like(logits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +265,7 @@ def _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap) -> d
 
 
 def _new_lse(logits: Tensor) -> Tensor:
-    return torch.empty(logits.shape[0], dtype=_accumulation_dtype(logits.dtype), device=logits.device)
+    return torch.empty(_num_positions(logits), dtype=_accumulation_dtype(logits.dtype), device=logits.device)
 
 
 @torch.library.custom_op("ncfast::fused_loss", mutates_args=(), device_types=None)
@@ -253,9 +274,10 @@ def fused_loss(
     label_smoothing: float, gamma: float, kappa: float, beta: float, ignore_index: int, reduction: str,
     lse_square_scale: float = 0.0, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss and its gradient in one pass: ``(loss, grad, lse)`` with ``grad`` of the logits'
-    shape and dtype and ``lse`` (N,) each row's log-sum-exp (fp32; fp64 for fp64 logits; 0 for
-    ignored rows and the MSE). ``loss`` is one of :data:`LOSSES`; see :func:`cross_entropy`."""
+    """Loss and its gradient in one pass on (B, K, S) ``logits`` (any strides) and (B, S)
+    ``target`` ((N, K) and (N,) are S = 1): ``(loss, grad, lse)`` with ``grad`` of the logits' shape, dtype and layout and
+    ``lse`` (B·S,) each position's log-sum-exp (fp32; fp64 for fp64 logits; 0 for ignored
+    positions and the MSE). ``loss`` is one of :data:`LOSSES`; see :func:`cross_entropy`."""
     grad, lse = _new_gradient(logits), _new_lse(logits)
     params = _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
     value = _forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction)
@@ -265,8 +287,8 @@ def fused_loss(
 @fused_loss.register_fake
 def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction,
       lse_square_scale=0.0, softcap=0.0):
-    value = logits.new_empty((logits.shape[0],) if reduction == "none" else ())
-    return value, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device), _new_lse(logits)
+    value = logits.new_empty((_num_positions(logits),) if reduction == "none" else ())
+    return value, torch.empty_like(logits), _new_lse(logits)
 
 
 @torch.library.custom_op("ncfast::fused_loss_", mutates_args=("logits",), device_types=None)
@@ -278,18 +300,14 @@ def fused_loss_(
     """As :func:`fused_loss`, but the gradient overwrites ``logits``; returns ``(loss, lse)``."""
     params = _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
     lse = _new_lse(logits)
-    if logits.stride(-1) == 1 or logits.shape[1] <= 1:
-        return _forward(logits, target, weight, alpha, logits, lse, loss, params, ignore_index, reduction), lse
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    value = _forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction)
-    logits.copy_(grad)
-    return value, lse
+    # Every backend reads each element before it writes its gradient, in any layout.
+    return _forward(logits, target, weight, alpha, logits, lse, loss, params, ignore_index, reduction), lse
 
 
 @fused_loss_.register_fake
 def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction,
       lse_square_scale=0.0, softcap=0.0):
-    return logits.new_empty((logits.shape[0],) if reduction == "none" else ()), _new_lse(logits)
+    return logits.new_empty((_num_positions(logits),) if reduction == "none" else ()), _new_lse(logits)
 
 
 def _scale_gradient(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, inplace: bool) -> Optional[Tensor]:
@@ -300,7 +318,8 @@ def _scale_gradient(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, i
     (a second backward then raises, since the stored gradient's version changed)."""
     if grad_loss is None:  # the loss itself took no part in what is differentiated
         return None
-    factor = grad_loss[:, None] if reduction == "none" else grad_loss
+    # "none": one factor per position, (B, 1, S) against a (B, K, S) gradient, (N, 1) against (N, K).
+    factor = grad_loss.reshape((grad.shape[0], 1) + grad.shape[2:]) if reduction == "none" else grad_loss
     if (reduction != "none" and grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
             and float(grad_loss) == 1.0):
         return grad
@@ -381,7 +400,9 @@ def loss_options(loss: str, num_classes: int, device: torch.device, label_smooth
 
 def _as_rows(logits: Tensor, target: Tensor):
     """torch's conventions: (K,) with a scalar target, (N, K) with (N,), or (N, K, d1, ...)
-    with (N, d1, ...). Returns 2-D logits, 1-D target and the shape of a per-sample output."""
+    with (N, d1, ...). Returns the logits as a (B, K, S) view with their own strides (S = d1·d2·…,
+    1 for (N, K); a copy only where the trailing dims cannot be flattened in place), the
+    target as (B, S) int64 and the shape of a per-sample output."""
     _checks.float_tensor("logits", logits, "(N, K)")
     _checks.class_indices("target", target, " (probability targets are not supported)")
     if target.device != logits.device:
@@ -398,10 +419,17 @@ def _as_rows(logits: Tensor, target: Tensor):
     if num_classes == 0:
         raise ValueError("logits: the class dimension is empty (K = 0)")
     if logits.dim() == 1:
-        logits = logits[None]
-    elif logits.dim() > 2:
-        logits = logits.movedim(1, -1).reshape(-1, num_classes)
-    return logits, target.reshape(-1).to(torch.int64), expected
+        logits = logits[None, :, None]
+    else:
+        logits = logits.reshape(logits.shape[0], num_classes, math.prod(logits.shape[2:]))
+    return logits, target.reshape(logits.shape[0], logits.shape[2]).to(torch.int64), expected
+
+
+def _flattens_in_place(logits: Tensor) -> bool:
+    """Whether the trailing dims of (N, K, d1, ...) logits merge into one without a copy (torch's
+    rule for a view: each dim's stride is the next one's stride times its size)."""
+    dims = [(size, stride) for size, stride in zip(logits.shape[2:], logits.stride()[2:]) if size != 1]
+    return all(outer[1] == inner[1] * inner[0] for outer, inner in zip(dims, dims[1:]))
 
 
 def _fused(loss, logits, target, weight, ignore_index, reduction, inplace_backward, return_lse=False,
@@ -422,15 +450,15 @@ def _fused(loss, logits, target, weight, ignore_index, reduction, inplace_backwa
     if process_group is not None:
         if inplace_backward:
             raise ValueError("inplace_backward: not supported together with process_group")
-        value, lse = _VocabParallelLoss.apply(rows_logits, rows_target, weight, loss, params, ignore_index,
-                                              reduction, process_group)
+        value, lse = _VocabParallelLoss.apply(_class_last(rows_logits), rows_target.reshape(-1), weight, loss, params,
+                                              ignore_index, reduction, process_group)
     else:
         args = (rows_target, weight, alpha, loss, params["label_smoothing"], params["gamma"], params["kappa"],
                 params["beta"], ignore_index, reduction, params["lse_square_scale"], params["softcap"])
         if inplace_backward:
-            if logits.dim() > 2:
-                raise ValueError("inplace_backward: supported for logits of shape (N, K) or (K,), "
-                                 f"got {tuple(logits.shape)}; move the class dimension last and flatten first")
+            if not _flattens_in_place(logits):
+                raise ValueError(f"inplace_backward: the trailing dims of logits {tuple(logits.shape)} with strides "
+                                 f"{logits.stride()} cannot be flattened in place; make the logits contiguous first")
             value, lse = _InplaceFusedLoss.apply(rows_logits, *args)
         else:
             value, _, lse = torch.ops.ncfast.fused_loss(rows_logits, *args)

@@ -340,13 +340,17 @@ def test_modules_match_torch_and_functional():
 
 
 def test_opcheck():
+    # The ops take (B, K, S) logits and (B, S) targets: rows (S = 1) and a class-strided layout.
     logits, target = make_inputs(6, 11, torch.float64, ignore=True)
+    strided = (logits.reshape(2, 3, 11).transpose(1, 2), target.reshape(2, 3))
     weight = torch.rand(11, dtype=torch.float64)
-    for op in [torch.ops.ncfast.fused_loss.default, torch.ops.ncfast.fused_loss_.default]:
-        for loss in ["cross_entropy", "focal", "rescaled_mse"]:
-            args = (logits.clone(), target, weight, None, loss, 0.1 if loss == "cross_entropy" else 0.0, 2.0, 1.0,
-                    15.0, -100, "mean")
-            torch.library.opcheck(op, args)
+    for z, t in [(logits[:, :, None], target[:, None]), strided]:
+        for op in [torch.ops.ncfast.fused_loss.default, torch.ops.ncfast.fused_loss_.default]:
+            for loss in ["cross_entropy", "focal", "rescaled_mse"]:
+                for reduction in ["mean", "none"]:
+                    args = (z.clone(), t, weight, None, loss, 0.1 if loss == "cross_entropy" else 0.0, 2.0, 1.0,
+                            15.0, -100, reduction)
+                    torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("inplace_backward", [False, True])
@@ -417,7 +421,7 @@ def test_cpp_kernel_checks_targets_itself():
     logits, target = torch.randn(2, 4), torch.tensor([0, 4]).numpy()
     common = dict(dtype="float32", kind=0, label_smoothing=0.0, class_weight=None, ignore_index=-100)
     with pytest.raises(ValueError, match="target: value 4 at index 1"):
-        _C.loss_forward(logits.numpy(), target, torch.empty(2, 4).numpy(), torch.empty(2).numpy(), None,
+        _C.loss_forward(logits[:, :, None].numpy(), target[:, None], torch.empty(2, 4, 1).numpy(), torch.empty(2).numpy(), None,
                         gamma=0.0, kappa=1.0, beta=0.0, z_loss=0.0, softcap=0.0, alpha=None, mean=True,
                         num_threads=1, **common)
     with pytest.raises(ValueError, match="target: value 4 at index 1"):
