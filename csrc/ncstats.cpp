@@ -1,7 +1,8 @@
 // The CPU kernels of the streaming neural-collapse statistics.
 //
-// ncstats_batch: per-class counts and float64 means ν_k of a batch whose labels were
-// compacted to the classes it holds (K' ≤ N rows of state, not K), and its rows centred on
+// ncstats_update: folds a batch into the float64 state, touching only the K' ≤ N classes the
+// batch holds (its labels arrive compacted to [0, K')): their counts and means ν_k, and the
+// rows centred on
 //
 //     p_k = ν_k − t_k (ν_k − μ_k),   t_k = √(n_k^a / (n_k^a + n_k^b)),
 //
@@ -15,8 +16,8 @@
 // correction rows are needed. The per-class Σ‖h_i − p_k‖² are, by the same identity, the
 // whole update of Σ_{i∈k}‖h_i − μ_k‖² (for the CDNV).
 //
-// The rows are written times a power of two `scale` (exact): the caller picks it so that the
-// float32 Gram neither overflows nor underflows whatever the features' magnitude.
+// The rows are written times a power of two 2^-e (exact), e chosen from the batch's magnitude
+// so that the float32 Gram neither overflows nor underflows whatever the features' size.
 //
 // The batch work is split by blocks of columns, not rows: each thread owns whole columns, so
 // the per-class sums need no cross-thread reduction and are bit-identical for any thread
@@ -41,31 +42,39 @@ struct BatchArgs {
   int64_t features_stride;
   const int64_t* target;  // compacted labels in [0, K')
   int64_t target_stride;
+  const int64_t* classes;      // (K',) the class of each compacted label
   const double* counts;        // (K',) batch counts n^b (all > 0)
-  const double* shrink;        // (K',) t_k
-  const double* state_means;   // (K', d) running means μ_k of the batch's classes
+  const double* shrink;        // (K',) t_k (second phase)
+  const double* state_means;   // (K, d) running means μ (rows `classes` are read)
   double* means;               // (K', d) batch means ν_k, rows contiguous
   C* centred;                  // (N, d)
   int64_t centred_stride;
-  double scale;                // power of two applied to the centred rows
-  double* block_sq;  // (blocks, K'): block b's share of Σ_{i∈k} ‖h_i − p_k‖²
-  int64_t rows, dim, classes;
+  double scale;                // power of two applied to the centred rows (second phase)
+  double* block_max;           // (blocks,): max |h| over the block's columns (first phase)
+  double* block_sq;            // (blocks, K'): block b's share of Σ_{i∈k} ‖h_i − p_k‖²
+  int64_t rows, dim, batch_classes;
 };
 
 // Every pass walks the rows in order and, in each row, the thread's own column blocks
 // [b0, b1): the batch streams through memory once per pass (a column strip per pass would
 // touch every page of the batch once per block and thrash the TLB). Per-class squared
 // distances are kept per 64-column block so that their sum does not depend on the split.
+
+// First phase: class means ν_k and the largest |h| of the thread's columns.
 template <typename T, typename C>
-NCFAST_INLINE void moments_blocks(const BatchArgs<T, C>& a, int64_t b0, int64_t b1) {
-  const int64_t d = a.dim, K = a.classes, c0 = b0 * kColumnBlock, c1 = std::min(b1 * kColumnBlock, d);
+NCFAST_INLINE void means_blocks(const BatchArgs<T, C>& a, int64_t b0, int64_t b1) {
+  const int64_t d = a.dim, K = a.batch_classes, c0 = b0 * kColumnBlock, c1 = std::min(b1 * kColumnBlock, d);
   for (int64_t k = 0; k < K; ++k) std::fill(a.means + k * d + c0, a.means + k * d + c1, 0.0);
-  for (int64_t b = b0; b < b1; ++b) std::fill(a.block_sq + b * K, a.block_sq + (b + 1) * K, 0.0);
-  for (int64_t i = 0; i < a.rows; ++i) {  // class sums
+  double largest = 0.0;
+  for (int64_t i = 0; i < a.rows; ++i) {
     const T* x = a.features + i * a.features_stride;
     double* m = a.means + a.target[i * a.target_stride] * d;
-#pragma omp simd
-    for (int64_t j = c0; j < c1; ++j) m[j] += static_cast<double>(to_float(x[j]));
+#pragma omp simd reduction(max : largest)
+    for (int64_t j = c0; j < c1; ++j) {
+      const double v = static_cast<double>(to_float(x[j]));
+      m[j] += v;
+      largest = std::max(largest, std::fabs(v));
+    }
   }
   for (int64_t k = 0; k < K; ++k) {
     double* m = a.means + k * d;
@@ -73,11 +82,19 @@ NCFAST_INLINE void moments_blocks(const BatchArgs<T, C>& a, int64_t b0, int64_t 
 #pragma omp simd
     for (int64_t j = c0; j < c1; ++j) m[j] /= n;
   }
-  for (int64_t i = 0; i < a.rows; ++i) {  // rows h_i − p_{y_i}, scaled, and their squared norms
+  for (int64_t b = b0; b < b1; ++b) a.block_max[b] = largest;
+}
+
+// Second phase: rows scale·(h_i − p_{y_i}) and their squared norms ‖h_i − p_{y_i}‖².
+template <typename T, typename C>
+NCFAST_INLINE void centre_blocks(const BatchArgs<T, C>& a, int64_t b0, int64_t b1) {
+  const int64_t d = a.dim, K = a.batch_classes;
+  for (int64_t b = b0; b < b1; ++b) std::fill(a.block_sq + b * K, a.block_sq + (b + 1) * K, 0.0);
+  for (int64_t i = 0; i < a.rows; ++i) {
     const int64_t y = a.target[i * a.target_stride];
     const T* x = a.features + i * a.features_stride;
     const double* m = a.means + y * d;
-    const double* mu = a.state_means + y * d;
+    const double* mu = a.state_means + a.classes[y] * d;
     const double t = a.shrink[y], scale = a.scale;
     C* c = a.centred + i * a.centred_stride;
     for (int64_t b = b0; b < b1; ++b) {
@@ -95,35 +112,17 @@ NCFAST_INLINE void moments_blocks(const BatchArgs<T, C>& a, int64_t b0, int64_t 
 }
 
 // Non-template entry points: target_clones needs plain functions.
-NCFAST_CLONES void moments_f32(const BatchArgs<float, float>& a, int64_t b, int64_t e) { moments_blocks(a, b, e); }
-NCFAST_CLONES void moments_f64(const BatchArgs<double, double>& a, int64_t b, int64_t e) { moments_blocks(a, b, e); }
-NCFAST_CLONES void moments_bf16(const BatchArgs<bf16, float>& a, int64_t b, int64_t e) { moments_blocks(a, b, e); }
-NCFAST_CLONES void moments_f16(const BatchArgs<f16, float>& a, int64_t b, int64_t e) { moments_blocks(a, b, e); }
+#define NCFAST_PHASES(T, C, NAME)                                                                              \
+  NCFAST_CLONES void means_##NAME(const BatchArgs<T, C>& a, int64_t b, int64_t e) { means_blocks(a, b, e); } \
+  NCFAST_CLONES void centre_##NAME(const BatchArgs<T, C>& a, int64_t b, int64_t e) { centre_blocks(a, b, e); }
+NCFAST_PHASES(float, float, f32)
+NCFAST_PHASES(double, double, f64)
+NCFAST_PHASES(bf16, float, bf16)
+NCFAST_PHASES(f16, float, f16)
+#undef NCFAST_PHASES
 
 template <typename T, typename C>
-void run_moments(const View& features, const View& target, const double* counts, const double* shrink,
-                 const double* state_means, double* means, const View& centred, double scale, double* class_sq,
-                 int64_t classes, int num_threads, void (*blocks_fn)(const BatchArgs<T, C>&, int64_t, int64_t)) {
-  const int64_t blocks = (features.cols + kColumnBlock - 1) / kColumnBlock;
-  std::vector<double> block_sq(static_cast<size_t>(blocks * classes));
-  BatchArgs<T, C> a{static_cast<const T*>(features.data), features.row_stride,
-                    static_cast<const int64_t*>(target.data), target.row_stride, counts, shrink, state_means, means,
-                    static_cast<C*>(centred.data), centred.row_stride, scale, block_sq.data(),
-                    features.rows, features.cols, classes};
-  py::gil_scoped_release release;
-  // The pass is bound by memory traffic, which one core nearly saturates: a second thread
-  // only pays off from ~4M values (16 MB of fp32) per thread, and on a busy machine a
-  // parallel region waits for its slowest thread.
-  const int64_t work_threads = std::max<int64_t>(1, (features.rows * features.cols) >> 22);
-  const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, blocks}));
-  parallel_ranges(blocks, threads, [&](int64_t begin, int64_t end) { blocks_fn(a, begin, end); });
-  // Fixed block order: the same sum for any thread count.
-  for (int64_t k = 0; k < classes; ++k) {
-    double total = 0.0;
-    for (int64_t b = 0; b < blocks; ++b) total += block_sq[b * classes + k];
-    class_sq[k] = total;
-  }
-}
+using Phase = void (*)(const BatchArgs<T, C>&, int64_t, int64_t);
 
 // Checks a contiguous float64 buffer of the given shape.
 double* state_of(const py::buffer& buffer, const char* name, int ndim, int64_t rows, int64_t cols, bool writable) {
@@ -136,62 +135,142 @@ double* state_of(const py::buffer& buffer, const char* name, int ndim, int64_t r
   return static_cast<double*>(v.data);
 }
 
-// ncstats_batch(features, target, dtype, state_counts, state_means, counts, means, centred,
-//               class_sq, scale, num_threads)
+struct State {
+  double* counts;    // (K,)
+  double* means;     // (K, d)
+  double* class_sq;  // (K,)
+  int64_t classes;   // K
+};
+
+// Both phases, the scale, the overflow check and Chan's fold of the batch's classes into the
+// state; returns e, the centred rows being written times 2^-e. Throws ValueError, the state
+// untouched, for a non-finite feature or a scatter beyond float64's range.
+template <typename T, typename C>
+int run_update(const View& features, const View& target, const int64_t* classes, int64_t batch_classes,
+               const double* counts, double* means, const View& centred, const State& state, int num_threads,
+               Phase<T, C> means_fn, Phase<T, C> centre_fn) {
+  const int64_t d = features.cols, K = batch_classes;
+  const int64_t blocks = (d + kColumnBlock - 1) / kColumnBlock;
+  std::vector<double> block_sq(static_cast<size_t>(blocks * K)), block_max(static_cast<size_t>(blocks));
+  std::vector<double> shrink(static_cast<size_t>(K));
+  BatchArgs<T, C> a{static_cast<const T*>(features.data), features.row_stride,
+                    static_cast<const int64_t*>(target.data), target.row_stride, classes, counts, shrink.data(),
+                    state.means, means, static_cast<C*>(centred.data), centred.row_stride, 1.0, block_max.data(),
+                    block_sq.data(), features.rows, d, K};
+  py::gil_scoped_release release;
+  // The passes are bound by memory traffic, which one core nearly saturates: a second thread
+  // only pays off from ~4M values (16 MB of fp32) per thread, and on a busy machine a
+  // parallel region waits for its slowest thread.
+  const int64_t work_threads = std::max<int64_t>(1, (features.rows * d) >> 22);
+  const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, blocks}));
+  parallel_ranges(blocks, threads, [&](int64_t begin, int64_t end) { means_fn(a, begin, end); });
+  // A NaN or ±inf feature makes its class mean non-finite: K'·d values to check, not N·d.
+  bool finite = true;
+  for (int64_t i = 0; i < K * d; ++i) finite &= std::isfinite(means[i]);
+  if (!finite) {
+    py::gil_scoped_acquire acquire;
+    throw py::value_error("features: contains NaN or infinite values");
+  }
+  // |h| and |μ| ≤ 2^e, so every centred row is below 2^(e+1): written times 2^-e, exactly,
+  // its float32 Gram (≤ 4N per entry) neither overflows nor underflows. 2^-e stays a finite
+  // float64 (e ≥ −1000) for float64 subnormal inputs.
+  double largest = *std::max_element(block_max.begin(), block_max.end());
+  for (int64_t k = 0; k < K; ++k) {
+    const double* mu = state.means + classes[k] * d;
+    for (int64_t j = 0; j < d; ++j) largest = std::max(largest, std::fabs(mu[j]));
+    const double na = state.counts[classes[k]];
+    shrink[k] = std::sqrt(na / (na + counts[k]));
+  }
+  int exponent = 0;
+  if (largest > 0) std::frexp(largest, &exponent);
+  exponent = std::max(exponent, -1000);
+  a.scale = std::ldexp(1.0, -exponent);
+  parallel_ranges(blocks, threads, [&](int64_t begin, int64_t end) { centre_fn(a, begin, end); });
+  // Fixed block order: the same sum for any thread count. The scatter's entries are bounded
+  // by its trace, Σ_k class_sq_k: below 2^1000 nothing can overflow.
+  std::vector<double> class_sq(static_cast<size_t>(K));
+  double trace = 0.0;
+  for (int64_t k = 0; k < state.classes; ++k) trace += state.class_sq[k];
+  for (int64_t k = 0; k < K; ++k) {
+    double total = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) total += block_sq[b * K + k];
+    class_sq[k] = total;
+    trace += total;
+  }
+  if (!(trace < std::ldexp(1.0, 1000))) {
+    py::gil_scoped_acquire acquire;
+    throw py::value_error("features: their within-class scatter overflows float64 (values near 1e150 or beyond); "
+                          "rescale the features");
+  }
+  for (int64_t k = 0; k < K; ++k) {  // Chan's fold: μ += (n^b/(n^a+n^b))(ν − μ)
+    const int64_t c = classes[k];
+    const double total = state.counts[c] + counts[k], fraction = counts[k] / total;
+    double* mu = state.means + c * d;
+    const double* nu = means + k * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) mu[j] += fraction * (nu[j] - mu[j]);
+    state.counts[c] = total;
+    state.class_sq[c] += class_sq[k];
+  }
+  return exponent;
+}
+
+// ncstats_update(features, target, dtype, classes, state_counts, state_means, state_class_sq,
+//                means, centred, num_threads) -> e
 // features: (N, d) rows contiguous, float32/float64/bfloat16 (as int16)/float16; target: (N,)
-// int64 compacted labels in [0, K'), every one present; state_counts (K',), state_means
-// (K', d): the running state of those classes (read only). Writes the batch's counts (K,),
-// means ν (K', d) and Σ_{i∈k}‖h_i − p_k‖² (K',) in float64, and scale·(h_i − p_{y_i}) (N, d)
-// in float32 (float64 for float64 features). Raises ValueError for a label out of range.
-void ncstats_batch(const py::buffer& features_buf, const py::buffer& target_buf, const std::string& dtype,
-                   const py::buffer& state_counts_buf, const py::buffer& state_means_buf, const py::buffer& counts_buf,
-                   const py::buffer& means_buf, const py::buffer& centred_buf, const py::buffer& class_sq_buf,
-                   double scale, int num_threads) {
+// int64 labels compacted to [0, K'), classes (K',) the class of each (distinct, in [0, K));
+// the state (K,), (K, d), (K,) float64 is updated in place for those classes; means (K', d)
+// is scratch. Writes 2^-e (h_i − p_{y_i}) (N, d) in float32 (float64 for float64 features):
+// the caller adds 2^(2e) times their Gram to the within-class scatter.
+int ncstats_update(const py::buffer& features_buf, const py::buffer& target_buf, const std::string& dtype,
+                   const py::buffer& classes_buf, const py::buffer& state_counts_buf,
+                   const py::buffer& state_means_buf, const py::buffer& state_class_sq_buf,
+                   const py::buffer& means_buf, const py::buffer& centred_buf, int num_threads) {
   const size_t itemsize = dtype == "float64" ? 8 : dtype == "float32" ? 4 : (dtype == "bfloat16" || dtype == "float16") ? 2 : 0;
   if (itemsize == 0) throw py::type_error("features: unsupported dtype " + dtype);
   View features = view_of(features_buf, "features", 2, itemsize, false);
   View target = view_of(target_buf, "target", 1, sizeof(int64_t), false);
-  View counts_view = view_of(counts_buf, "counts", 1, sizeof(double), true);
+  View classes_view = view_of(classes_buf, "classes", 1, sizeof(int64_t), false);
+  View state_view = view_of(state_counts_buf, "state_counts", 1, sizeof(double), true);
   View centred = view_of(centred_buf, "centred", 2, dtype == "float64" ? 8 : 4, true);
-  const int64_t N = features.rows, d = features.cols, K = counts_view.rows;
-  if (K < 1) throw py::value_error("counts: expected at least one class");
-  double* counts = state_of(counts_buf, "counts", 1, K, 1, true);
-  double* means = state_of(means_buf, "means", 2, K, d, true);
-  double* class_sq = state_of(class_sq_buf, "class_sq", 1, K, 1, true);
-  const double* state_counts = state_of(state_counts_buf, "state_counts", 1, K, 1, false);
-  const double* state_means = state_of(state_means_buf, "state_means", 2, K, d, false);
+  const int64_t N = features.rows, d = features.cols, K = state_view.rows, batch_classes = classes_view.rows;
+  State state{state_of(state_counts_buf, "state_counts", 1, K, 1, true),
+              state_of(state_means_buf, "state_means", 2, K, d, true),
+              state_of(state_class_sq_buf, "state_class_sq", 1, K, 1, true), K};
+  double* means = state_of(means_buf, "means", 2, batch_classes, d, true);
   if (target.rows != N) throw py::value_error("target: length differs from features' rows");
   if (centred.rows != N || centred.cols != d) throw py::value_error("centred: expected shape (N, d)");
-
-  // Validate every class index before any is used as an offset.
-  std::fill(counts, counts + K, 0.0);
+  if (classes_view.row_stride != 1 && batch_classes > 1) throw py::value_error("classes: expected a contiguous array");
+  const int64_t* classes = static_cast<const int64_t*>(classes_view.data);
+  for (int64_t k = 0; k < batch_classes; ++k) {
+    if (classes[k] < 0 || classes[k] >= K) throw py::value_error("classes: value out of range [0, K)");
+  }
+  // Validate every label before any is used as an offset.
+  std::vector<double> counts(static_cast<size_t>(batch_classes));
   const int64_t* y = static_cast<const int64_t*>(target.data);
   for (int64_t i = 0; i < N; ++i) {
     const int64_t k = y[i * target.row_stride];
-    if (k < 0 || k >= K) {
-      throw py::value_error("target: value " + std::to_string(k) + " at index " + std::to_string(i) +
-                            " is out of range [0, " + std::to_string(K) + ")");
+    if (k < 0 || k >= batch_classes) {
+      throw py::value_error("target: compacted label " + std::to_string(k) + " at index " + std::to_string(i) +
+                            " is out of range [0, " + std::to_string(batch_classes) + ")");
     }
     counts[k] += 1.0;
   }
-  std::vector<double> shrink(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) {
-    if (counts[k] == 0) throw py::value_error("target: compacted class " + std::to_string(k) + " has no row");
-    shrink[k] = std::sqrt(state_counts[k] / (state_counts[k] + counts[k]));
+  for (int64_t k = 0; k < batch_classes; ++k) {
+    if (counts[k] == 0) throw py::value_error("target: compacted label " + std::to_string(k) + " has no row");
   }
-  const double* t = shrink.data();
+  const double* n = counts.data();
   if (dtype == "float32")
-    run_moments<float, float>(features, target, counts, t, state_means, means, centred, scale, class_sq, K, num_threads,
-                              moments_f32);
-  else if (dtype == "float64")
-    run_moments<double, double>(features, target, counts, t, state_means, means, centred, scale, class_sq, K,
-                                num_threads, moments_f64);
-  else if (dtype == "bfloat16")
-    run_moments<bf16, float>(features, target, counts, t, state_means, means, centred, scale, class_sq, K, num_threads,
-                             moments_bf16);
-  else
-    run_moments<f16, float>(features, target, counts, t, state_means, means, centred, scale, class_sq, K, num_threads,
-                            moments_f16);
+    return run_update<float, float>(features, target, classes, batch_classes, n, means, centred, state, num_threads,
+                                    means_f32, centre_f32);
+  if (dtype == "float64")
+    return run_update<double, double>(features, target, classes, batch_classes, n, means, centred, state,
+                                      num_threads, means_f64, centre_f64);
+  if (dtype == "bfloat16")
+    return run_update<bf16, float>(features, target, classes, batch_classes, n, means, centred, state, num_threads,
+                                   means_bf16, centre_bf16);
+  return run_update<f16, float>(features, target, classes, batch_classes, n, means, centred, state, num_threads,
+                                means_f16, centre_f16);
 }
 
 // One tile of the pairwise metrics over the rows k of one block and l of another:
@@ -283,11 +362,12 @@ py::tuple ncstats_pairwise_tile(const py::buffer& cosines_buf, const py::buffer&
 }  // namespace
 
 void register_ncstats(py::module_& m) {
-  m.def("ncstats_batch", &ncstats_batch, py::arg("features"), py::arg("target"), py::arg("dtype"),
-        py::arg("state_counts"), py::arg("state_means"), py::arg("counts"), py::arg("means"), py::arg("centred"),
-        py::arg("class_sq"), py::arg("scale"), py::arg("num_threads"),
-        "Per-class counts and float64 means of a batch (labels compacted to its classes), its rows centred so that "
-        "their Gram is the batch scatter plus Chan's correction, and the per-class sums of their squared norms.");
+  m.def("ncstats_update", &ncstats_update, py::arg("features"), py::arg("target"), py::arg("dtype"),
+        py::arg("classes"), py::arg("state_counts"), py::arg("state_means"), py::arg("state_class_sq"),
+        py::arg("means"), py::arg("centred"), py::arg("num_threads"),
+        "Folds a batch (labels compacted to its classes) into the counts, means and class_sq of the state and "
+        "writes its rows centred so that 2^(2e) times their Gram is the batch scatter plus Chan's correction; "
+        "returns e.");
   m.def("ncstats_pairwise_tile", &ncstats_pairwise_tile, py::arg("cosines"), py::arg("norms_rows"),
         py::arg("norms_cols"), py::arg("variances_rows"), py::arg("variances_cols"), py::arg("shift"),
         py::arg("diagonal"), py::arg("num_threads"),

@@ -48,9 +48,11 @@ from .ncstats_second import DEFAULT_QUANTILES, NCSecondPass  # noqa: F401  (re-e
 
 
 # --------------------------------------------------------------------------------------------
-# backends: (features (N, d), target (N,) compacted to [0, K'), state counts (K',) and means
-# (K', d) of those classes, centred (N, d) to fill, scale) -> the batch's counts (K',), means
-# ν (K', d) and Σ_{i∈k}‖h_i − p_k‖² (K',), all float64; ``centred`` gets scale·(h_i − p_{y_i}).
+# batch backends. The C++ one folds the batch into the state itself (``csrc/ncstats.cpp``).
+# The Triton and torch ones take (features (N, d), target (N,) compacted to [0, K'), the
+# state counts (K',) and means (K', d) of those classes, ``centred`` (N, d) to fill, scale)
+# and return the batch's counts (K',), means ν (K', d) and Σ_{i∈k}‖h_i − p_k‖² (K',) in
+# float64, ``centred`` getting scale·(h_i − p_{y_i}); :meth:`NCStats._fold` does the rest.
 # --------------------------------------------------------------------------------------------
 def _gram_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -62,25 +64,11 @@ def _centres(counts: Tensor, means: Tensor, state_counts: Tensor, state_means: T
     return means - shrink[:, None] * (means - state_means)
 
 
-def _cpp_batch(features, target, state_counts, state_means, centred, scale):
-    from . import _C
-
-    K, d = state_means.shape
-    counts = torch.empty(K, dtype=torch.float64)
-    means = torch.empty(K, d, dtype=torch.float64)
-    class_sq = torch.empty(K, dtype=torch.float64)
-    _C.ncstats_batch(
-        _backend.cpu_buffer(features), _backend.cpu_buffer(target), str(features.dtype).removeprefix("torch."),
-        state_counts.numpy(), state_means.numpy(), counts.numpy(), means.numpy(), centred.numpy(), class_sq.numpy(),
-        scale, torch.get_num_threads(),
-    )
-    return counts, means, class_sq
-
-
 def _triton_batch(features, target, state_counts, state_means, centred, scale):
     from .triton_kernels import ncstats as kernels
 
     counts, means = kernels.class_means(features, target, state_means.shape[0])
+    _check_finite_means(means)
     centres = _centres(counts, means, state_counts, state_means)
     return counts, means, kernels.centre_rows(features, target, centres, centred, scale)
 
@@ -90,26 +78,37 @@ def _torch_batch(features, target, state_counts, state_means, centred, scale):
     x = features.to(torch.float64)
     counts = torch.bincount(target, minlength=K).to(torch.float64)
     means = torch.zeros(K, d, dtype=torch.float64, device=x.device).index_add_(0, target, x) / counts[:, None]
+    _check_finite_means(means)
     rows = x - _centres(counts, means, state_counts, state_means)[target]
     centred.copy_(rows * scale)
     class_sq = torch.zeros(K, dtype=torch.float64, device=x.device).index_add_(0, target, (rows * rows).sum(1))
     return counts, means, class_sq
 
 
-_BACKEND_BATCH = {"cpp": _cpp_batch, "triton": _triton_batch, "torch": _torch_batch}
+_BACKEND_BATCH = {"triton": _triton_batch, "torch": _torch_batch}
 
 
-def _power_of_two_scale(features: Tensor, state_means: Tensor) -> int:
-    """e such that |h|, |μ| ≤ 2^e over the batch and the running means of its classes (so
-    every centred row is below 2^(e+1)): the rows are written times 2^-e, exactly, and their
-    float32 Gram (N·4 at most per entry) neither overflows nor underflows. Raises ValueError on
-    a non-finite feature."""
-    low, high = torch.aminmax(features)
-    largest = max(-float(low), float(high), float(state_means.abs().max()) if state_means.numel() else 0.0)
-    if not math.isfinite(largest):
+def _check_finite_means(means: Tensor) -> None:
+    # A NaN or ±inf feature makes its class mean non-finite: K'·d values to check, not N·d.
+    if not bool(torch.isfinite(means).all()):
         raise ValueError("features: contains NaN or infinite values")
-    # 2^-e must stay a finite float64: clamp for inputs below 2^-1000 (float64 subnormals).
+
+
+def _power_of_two_exponent(features: Tensor, state_means: Tensor) -> int:
+    """e such that |h|, |μ| ≤ 2^e over the batch and the running means of its classes, so
+    every centred row is below 2^(e+1): the rows are written times 2^-e, exactly, and their
+    float32 Gram (≤ 4N per entry) neither overflows nor underflows. e ≥ −1000 keeps 2^-e a
+    finite float64 for float64 subnormal inputs."""
+    largest = 0.0
+    for tensor in (features, state_means):
+        low, high = torch.aminmax(tensor)
+        largest = max(largest, -float(low), float(high))
     return max(math.frexp(largest)[1], -1000) if largest > 0 else 0
+
+
+_SCATTER_LIMIT = math.ldexp(1.0, 1000)
+_OVERFLOW = ("features: their within-class scatter overflows float64 (values near 1e150 or beyond); "
+             "rescale the features")
 
 
 @contextlib.contextmanager
@@ -267,6 +266,7 @@ class NCStats:
         self.within_scatter = torch.zeros(dim, dim, **f64)
         self.class_sq = torch.zeros(num_classes, **f64)
         self._workspace: Optional[Tensor] = None  # centred-rows buffer, reused across batches
+        self._means_scratch: Optional[Tensor] = None  # the C++ kernel's batch means
         self._lock = threading.RLock()
 
     def _centred_buffer(self, rows: int, dtype: torch.dtype) -> Tensor:
@@ -293,28 +293,49 @@ class NCStats:
             return self
         check_target_range(target, self.num_classes)
         classes, local = torch.unique(target, sorted=True, return_inverse=True)
+        backend = _backend.backend_for(features)
         with self._lock:
-            state_counts, state_means = self.counts[classes], self.means[classes]
-            exponent = _power_of_two_scale(features, state_means)
             centred = self._centred_buffer(features.shape[0], _gram_dtype(features.dtype))
-            batch = _BACKEND_BATCH[_backend.backend_for(features)]
-            counts, means, class_sq = batch(features, local, state_counts, state_means, centred, math.ldexp(1.0, -exponent))
+            if backend == "cpp":
+                from . import _C
+
+                means = self._scratch(classes.shape[0])
+                exponent = _C.ncstats_update(
+                    _backend.cpu_buffer(features), local.numpy(), str(features.dtype).removeprefix("torch."),
+                    classes.numpy(), self.counts.numpy(), self.means.numpy(), self.class_sq.numpy(), means.numpy(),
+                    centred.numpy(), torch.get_num_threads())
+            else:
+                exponent = self._fold(features, classes, local, centred, _BACKEND_BATCH[backend])
             with ieee_fp32_matmul(self.device):
                 gram = centred.T @ centred
-            # 2^(2e) as a tensor: beyond float64's range it becomes inf here, never OverflowError.
-            scatter = torch.ldexp(gram.to(torch.float64), torch.tensor(2.0 * exponent, dtype=torch.float64))
-            scatter += self.within_scatter
-            class_sq += self.class_sq[classes]
-            if not (bool(torch.isfinite(scatter).all()) and bool(torch.isfinite(class_sq).all())):
-                raise ValueError("features: their within-class scatter overflows float64 (values near 1e154 or "
-                                 "beyond); rescale the features")
-            total = state_counts + counts
-            state_means.addcmul_(means - state_means, (counts / total)[:, None])
-            self.counts.index_copy_(0, classes, total)
-            self.means.index_copy_(0, classes, state_means)
-            self.class_sq.index_copy_(0, classes, class_sq)
-            self.within_scatter = scatter
+            # the scatter's trace is below 2^1000 (checked above), so none of this overflows
+            if abs(exponent) < 500:
+                self.within_scatter.add_(gram, alpha=math.ldexp(1.0, 2 * exponent))
+            else:
+                self.within_scatter.add_(torch.ldexp(gram.to(torch.float64), torch.tensor(2.0 * exponent)))
         return self
+
+    def _scratch(self, rows: int) -> Tensor:
+        """A (rows, d) float64 buffer reused across batches for the C++ kernel's batch means."""
+        need = rows * self.dim
+        if self._means_scratch is None or self._means_scratch.numel() < need:
+            self._means_scratch = torch.empty(need, dtype=torch.float64)
+        return self._means_scratch[:need].view(rows, self.dim)
+
+    def _fold(self, features, classes, local, centred, batch) -> int:
+        """The Triton / torch update of the batch's classes (gathered, updated, written back);
+        returns e, ``centred`` holding 2^-e (h_i − p_{y_i})."""
+        state_counts, state_means = self.counts[classes], self.means[classes]
+        exponent = _power_of_two_exponent(features, state_means)
+        counts, means, class_sq = batch(features, local, state_counts, state_means, centred, math.ldexp(1.0, -exponent))
+        if not float(self.class_sq.sum()) + float(class_sq.sum()) < _SCATTER_LIMIT:
+            raise ValueError(_OVERFLOW)
+        total = state_counts + counts
+        state_means.addcmul_(means - state_means, (counts / total)[:, None])
+        self.counts.index_copy_(0, classes, total)
+        self.means.index_copy_(0, classes, state_means)
+        self.class_sq.index_add_(0, classes, class_sq)
+        return exponent
 
     def _merge(self, counts: Tensor, means: Tensor, scatter: Tensor, class_sq: Tensor) -> None:
         """Chan's pairwise merge of another state (all K classes) into this one."""
