@@ -12,8 +12,8 @@ from .losses import (
     rescaled_mse,
 )
 from .ncstats import NCMetrics, NCSecondPass, NCStats, nc_metrics
-from . import train, ufm  # noqa: E402  (modules: ncfast.train.train(...), ncfast.ufm.solve(...))
-from .train import TrainConfig
+from . import training, ufm  # noqa: E402  (modules: ncfast.training.train(...), ncfast.ufm.solve(...))
+from .training import TrainConfig
 from .ufm import UFMResult, optimal_objective
 
 __version__ = "0.1.0"
@@ -38,7 +38,7 @@ __all__ = [
     "optimal_objective",
     "rescaled_mse",
     "simplex_etf",
-    "train",
+    "training",
     "ufm",
     "use_backend",
 ]

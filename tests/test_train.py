@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ncfast
-from ncfast import train as T
+from ncfast import training as T
 
 
 def test_digits_embedded_and_split():

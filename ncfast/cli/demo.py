@@ -13,8 +13,9 @@ import time
 
 import torch
 
-from .plot import write_line_plot
-from .train import TrainConfig, load_dataset, train, write_logs
+from ..plot import write_line_plot
+from ..training import TrainConfig, load_dataset, train, write_logs
+from .common import CLIError
 
 CLI_HELP = "train CE / focal / label smoothing / rescaled MSE on digits to neural collapse; print a table, plot NC1"
 
@@ -45,8 +46,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .cli import CLIError
-
     for name in ("epochs", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -1,0 +1,231 @@
+"""The training loop: losses, learning-rate schedules, optimisers, per-epoch evaluation with
+neural-collapse metrics, data-parallel training under ``torchrun``.
+
+After every epoch NC1–NC4 of the training set come from :class:`ncfast.NCStats` on the
+penultimate features, with train and test accuracy. Under ``torchrun`` it trains data-parallel
+(DDP; gloo on CPU, NCCL on CUDA) and all-reduces the NC statistics, so the metrics are those of
+the whole set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..losses import cross_entropy, focal_loss, rescaled_mse
+from ..ncstats import NCStats
+from ..progress import Progress
+from .config import LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig, check_config
+from .data import Dataset, load_dataset
+from .logs import write_logs
+from .models import build_model, trainable_parameters
+
+
+def make_loss(name: str, label_smoothing: Optional[float] = None, gamma: Optional[float] = None,
+              kappa: Optional[float] = None, beta: Optional[float] = None):
+    """(logits, target) -> mean loss. Defaults are seed 002 §4's: ls α = 0.1, focal γ = 3,
+    mse κ = 1, β = 15 (pass κ = β = 1 for vanilla MSE)."""
+    if name == "ce":
+        return lambda z, y: cross_entropy(z, y, label_smoothing=label_smoothing or 0.0)
+    if name == "ls":
+        alpha = 0.1 if label_smoothing is None else label_smoothing
+        return lambda z, y: cross_entropy(z, y, label_smoothing=alpha)
+    if name == "focal":
+        g = 3.0 if gamma is None else gamma
+        return lambda z, y: focal_loss(z, y, gamma=g)
+    if name == "mse":
+        k, b = (1.0 if kappa is None else kappa), (15.0 if beta is None else beta)
+        return lambda z, y: rescaled_mse(z, y, kappa=k, beta=b)
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int, step_size: int = 40) -> float:
+    """Learning-rate multiplier at ``epoch`` (0-based): "step" ÷10 every ``step_size`` epochs
+    (seed 003 §4), "multistep" ×0.1 at 3/7 and 5/7 of training (seed 002 §4), "cosine", "constant"."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return 0.1 ** (epoch // step_size)
+    if schedule == "multistep":
+        return 0.1 ** sum(epoch >= m for m in (int(epochs * 3 / 7), int(epochs * 5 / 7)))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    history: list = field(default_factory=list)  # one dict per epoch
+    model: Optional[nn.Module] = None
+    trainable_parameters: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, (0, 1) without it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_size: int = 512,
+             nc: bool = True, second_pass: bool = False) -> dict:
+    """Accuracy and (``nc=True``) NC metrics of ``model`` on (x, y), in eval mode.
+
+    Under torch.distributed each rank takes the samples ``rank::world`` and the NC statistics
+    and counts are all-reduced, so every rank gets the metrics of the whole set."""
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    rank, world = rank_and_world()
+    device = net.classifier.weight.device
+    x, y = x[rank::world], y[rank::world]
+    classifier = net.classifier
+
+    def batches():  # (features, target) per batch, on the model's device
+        for start in range(0, len(y), batch_size):
+            xb = x[start: start + batch_size].to(device, non_blocking=True)
+            yield net.features(xb), y[start: start + batch_size].to(device, non_blocking=True)
+
+    stats = NCStats(num_classes, classifier.weight.shape[1], device=device) if nc else None
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for features, target in batches():
+        correct[0] += (classifier(features).argmax(1) == target).sum()
+        correct[1] += len(target)
+        if nc:
+            stats.update(features, target)
+    if world > 1:
+        dist.all_reduce(correct)
+        if nc:
+            stats.all_reduce()
+    result = {"accuracy": float(correct[0] / correct[1])}
+    if nc:
+        weight = classifier.weight.detach()
+        bias = None if classifier.bias is None else classifier.bias.detach()
+        extra = None
+        if second_pass:  # the metrics that need the finished class means: the data again
+            extra = stats.second_pass(weight, bias)
+            for features, target in batches():
+                extra.update(features, target)
+            if world > 1:
+                extra.all_reduce()
+        metrics = stats.compute(weight, bias, second_pass=extra)
+        result.update({key: value for key, value in metrics.as_dict().items()
+                       if isinstance(value, float) and key not in ("num_samples",)})
+    net.train(was_training)
+    return result
+
+
+def _optimizer(config: TrainConfig, model: nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "lbfgs":  # weight decay goes into the closure's loss (LBFGS has none)
+        return torch.optim.LBFGS(params, lr=config.lr, history_size=20, max_iter=5, line_search_fn="strong_wolfe")
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+
+
+def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optional[nn.Module] = None) -> TrainResult:
+    """Train per ``config``; returns the per-epoch history (epoch, lr, loss, train/test accuracy,
+    NC1–NC4 and the other :class:`ncfast.NCMetrics` values, seconds) and the model.
+
+    Under torch.distributed (e.g. ``torchrun``) the model is wrapped in DDP and every global
+    batch (same seeded order on every rank) is split ``rank::world``: with a batch size divisible
+    by the world size the averaged gradient is the one-process gradient. Rank 0 alone writes
+    ``out`` and prints."""
+    check_config(config)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    rank, world = rank_and_world()
+    torch.manual_seed(config.seed)
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_dir, config.seed, config.random_labels, config.train_size,
+                               config.gaussian_dim, config.gaussian_classes, config.gaussian_per_class,
+                               config.gaussian_labels)
+    if model is None:
+        model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.feature_dim, config.width,
+                            config.depth, config.fixed_etf, config.bias, config.batch_norm)
+    device = torch.device(config.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                                            if torch.cuda.is_available() else "cpu"))
+    model = model.to(device)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = make_loss(config.loss, config.label_smoothing, config.gamma, config.kappa, config.beta)
+    optimizer = _optimizer(config, net)
+    params = [p for p in net.parameters() if p.requires_grad]
+    result = TrainResult(config, model=model, trainable_parameters=trainable_parameters(model))
+    x, y = dataset.x_train, dataset.y_train
+    order_gen = torch.Generator().manual_seed(config.seed)
+    batches_per_epoch = math.ceil(len(y) / config.batch_size)
+    bar = Progress(config.epochs * batches_per_epoch, f"{config.loss}", enabled=not config.quiet and rank == 0)
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        lr = config.lr * lr_factor(config.schedule, epoch, config.epochs, config.step_size)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        net.train()
+        order = torch.randperm(len(y), generator=order_gen)
+        total, count = 0.0, 0
+        for index in range(batches_per_epoch):
+            batch = order[index * config.batch_size: (index + 1) * config.batch_size][rank::world]
+            xb, yb = x[batch].to(device, non_blocking=True), y[batch].to(device, non_blocking=True)
+
+            def closure():
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(net(xb), yb)
+                objective = loss
+                if config.optimizer == "lbfgs" and config.weight_decay:
+                    objective = loss + 0.5 * config.weight_decay * sum(p.square().sum() for p in params)
+                objective.backward()
+                if config.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+                closure.loss = float(loss.detach())
+                return objective
+
+            if config.optimizer == "lbfgs":
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
+            if not math.isfinite(closure.loss):
+                raise FloatingPointError(f"loss is {closure.loss} at epoch {epoch}: lower the learning rate")
+            total += closure.loss * len(yb)
+            count += len(yb)
+            bar.update(epoch * batches_per_epoch + index + 1, f"epoch {epoch + 1} loss {closure.loss:.4g}")
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(sums)
+        row = {"epoch": epoch + 1, "lr": lr, "loss": float(sums[0] / sums[1])}
+        train_metrics = evaluate(net, x, y, dataset.num_classes, second_pass=config.second_pass)
+        row["train_accuracy"] = train_metrics.pop("accuracy")
+        row["test_accuracy"] = evaluate(net, dataset.x_test, dataset.y_test, dataset.num_classes, nc=False)["accuracy"]
+        row.update(train_metrics)
+        row["seconds"] = time.perf_counter() - start
+        result.history.append(row)
+        if config.stop_at is not None and row["train_accuracy"] == 1.0 and row["nc1"] <= config.stop_at:
+            break
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    if config.out and rank == 0:
+        write_logs(result, config.out, f"train_{config.loss}")
+    return result
