@@ -2,8 +2,11 @@
 compute against the dense float64 formulas, observed classes, arithmetic at any magnitude,
 the lock, state validation, the class-tiled second pass."""
 
+import json
+import re
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -331,3 +334,79 @@ def test_cuda_tiled_compute_matches_cpu(dtype):
     gpu = stats.compute(weight.cuda(), bias.cuda(), pairwise_dtype=torch.float64, second_pass=second)
     _assert_metrics(gpu, vars(cpu), FIRST_PASS + CLASSIFIER, 1e-9 if dtype == torch.float64 else 1e-5)
     assert gpu.ncc_mismatch is not None
+
+
+# --------------------------------------------------------------------------------------------
+# ncfast metrics: malformed inputs are one line and exit 2; fp16 streamed; observed classes
+# --------------------------------------------------------------------------------------------
+def _metrics_cli(capsys, *args):
+    from ncfast.cli import main
+
+    code = main(["metrics", *map(str, args), "--quiet"])
+    return code, capsys.readouterr()
+
+
+def _malformed(tmp_path):
+    features, target, _, _ = _problem(3, 4, 30)
+    good_f, good_y = tmp_path / "f.npy", tmp_path / "y.npy"
+    np.save(good_f, features.numpy())
+    np.save(good_y, target.numpy())
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    archive = tmp_path / "archive.npz"
+    np.savez(archive, features=features.numpy())
+    no_columns = tmp_path / "d0.npy"
+    np.save(no_columns, np.zeros((30, 0), dtype=np.float32))
+    huge_u64 = tmp_path / "u64.npy"
+    labels = target.numpy().astype(np.uint64)
+    labels[5] = np.iinfo(np.uint64).max
+    np.save(huge_u64, labels)
+    big = tmp_path / "big.npy"
+    labels = target.numpy().copy()
+    labels[7] = 2**40
+    np.save(big, labels)
+    same_means = tmp_path / "same.npy"
+    np.save(same_means, np.repeat(np.eye(3, 4, dtype=np.float32)[[0, 0, 1]], 10, axis=0))
+    return {
+        "empty": ([empty, good_y], "features: .*empty"),
+        "npz": ([archive, good_y], "features: .*npz archive"),
+        "d0": ([no_columns, good_y], r"features: .*no columns \(d = 0\)"),
+        "uint64-max": ([good_f, huge_u64], "labels: the largest label, 18446744073709551615, makes K = "),
+        "uint64-max-with-K": ([good_f, huge_u64, "--num-classes", 3], r"labels: values span \[0, 18446744073709551615\]"),
+        "label-2^40": ([good_f, big], "labels: the largest label, 1099511627776, .* GiB"),
+        "non-finite-metric": ([same_means, good_y.with_name("y3.npy")], "cdnv: came out (inf|nan)"),
+    }, np.repeat(np.arange(3), 10)
+
+
+@pytest.mark.parametrize("case", ["empty", "npz", "d0", "uint64-max", "uint64-max-with-K", "label-2^40",
+                                  "non-finite-metric"])
+def test_metrics_cli_malformed_input_is_one_line_exit_2(tmp_path, capsys, case):
+    cases, three = _malformed(tmp_path)
+    np.save(tmp_path / "y3.npy", three)
+    args, message = cases[case]
+    code, out = _metrics_cli(capsys, *args, "--pairwise-dtype", "float64")
+    assert code == 2, out
+    assert out.out == ""
+    assert len(out.err.strip().splitlines()) == 1, out.err
+    assert re.search(message, out.err), out.err
+
+
+def test_metrics_cli_streams_fp16_and_observed_classes(tmp_path, capsys):
+    features, target, weight, bias = _problem(5, 6, 200)
+    target[target == 3] = 4  # class 3 never occurs
+    half = features.to(torch.float16)
+    for name, value in (("f", half.numpy()), ("y", target.numpy()), ("w", weight.numpy()), ("b", bias.numpy())):
+        np.save(tmp_path / f"{name}.npy", value)
+    paths = [tmp_path / f"{name}.npy" for name in ("f", "y")]
+    code, out = _metrics_cli(capsys, *paths, "--weight", tmp_path / "w.npy", "--bias", tmp_path / "b.npy")
+    assert code == 2 and "classes='observed'" in out.err
+    code, out = _metrics_cli(capsys, *paths, "--weight", tmp_path / "w.npy", "--bias", tmp_path / "b.npy",
+                             "--classes", "observed", "--json", "--batch-size", "64")
+    assert code == 0, out.err
+    got = json.loads(out.out)
+    stats = _stream(half, target, 5, batch=64)  # the same fp16 batches through the API
+    second = stats.second_pass(weight, bias, classes="observed").update(half, target)
+    want = stats.compute(weight, bias, classes="observed", second_pass=second)
+    assert got["classes_used"] == 4
+    for name in FIRST_PASS + CLASSIFIER + ("ncc_mismatch",):
+        assert got[name] == pytest.approx(getattr(want, name), rel=1e-12), name
