@@ -1,4 +1,4 @@
-"""Streaming NC statistics (SPEC §3) against the float64 two-pass reference."""
+"""Streaming NC statistics against the float64 two-pass reference."""
 
 import json
 import os
@@ -387,7 +387,10 @@ def saved(tmp_path):
     return paths, (features, target, weight, bias)
 
 
-def test_cli_metrics_json_matches_api(saved, capsys):
+def test_cli_metrics_json_matches_api(saved, capsys, monkeypatch):
+    from ncfast.cli import metrics as metrics_command
+
+    monkeypatch.setattr(metrics_command, "PROGRESS_DELAY_S", 0.0)
     paths, (features, target, weight, bias) = saved
     code = cli_main(["metrics", str(paths["features"]), str(paths["labels"]), "--weight", str(paths["weight"]),
                      "--bias", str(paths["bias"]), "--json", "--batch-size", "77"])

@@ -23,6 +23,9 @@ CLI_HELP = "Neural-collapse metrics of saved features (N, d) and labels (N,) str
 #: feature dtypes streamed as they are (anything else floating is read as float32)
 _STREAMED = (np.float16, np.float32, np.float64)
 _PAIRWISE = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+#: a pass shows its progress bar once it has run this long (a quick run, or one failing on
+#: its first rows, prints nothing but its result or its one-line error)
+PROGRESS_DELAY_S = 1.0
 
 
 def add_arguments(parser) -> None:
@@ -136,11 +139,13 @@ def run(args) -> int:
         bias = _classifier_tensor(args.bias, "bias", 1, (num_classes,))
 
     def stream(label: str, sink) -> None:
-        for a, b in tqdm(chunks, desc=label, unit="batch", disable=args.quiet, leave=True):
-            try:
-                sink.update(_float_tensor(features[a:b]), torch.from_numpy(np.array(labels[a:b], dtype=np.int64)))
-            except ValueError as error:
-                raise CLIError(f"rows {a}..{b - 1}: {error}") from None
+        with tqdm(chunks, desc=label, unit="batch", disable=args.quiet, delay=PROGRESS_DELAY_S) as bar:
+            for a, b in bar:
+                try:
+                    sink.update(_float_tensor(features[a:b]), torch.from_numpy(np.array(labels[a:b], dtype=np.int64)))
+                except ValueError as error:
+                    bar.leave = False  # the bar goes, the error stays: one line
+                    raise CLIError(f"rows {a}..{b - 1}: {error}") from None
 
     stats = NCStats(num_classes, d)
     second_needed = weight is not None or args.numerical_rank
