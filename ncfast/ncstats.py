@@ -109,21 +109,35 @@ _OVERFLOW = ("features: their within-class scatter overflows float64 (values nea
              "rescale the features")
 
 
+_SINGLE_THREAD_LOCK = threading.Lock()
+_single_thread_users = 0
+_saved_threads = 1
+
+
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device, small: bool):
     """Runs torch's CPU ops single-threaded inside the block when the work is ``small``
     (no-op otherwise and for other devices): multithreaded BLAS/LAPACK calls on small matrices
     were measured 100× slower (a QR of 512×100: 0.14 s instead of 0.8 ms) whenever another
-    process keeps a core busy, while the O(K²·d) tiles of a large K need every core."""
+    process keeps a core busy, while the O(K²·d) tiles of a large K need every core. The thread
+    count is process-wide: the first block to enter saves it and the last to leave restores
+    it, so overlapping blocks in several threads cannot leave the process single-threaded."""
+    global _single_thread_users, _saved_threads
     if device.type != "cpu" or not small:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _SINGLE_THREAD_LOCK:
+        if _single_thread_users == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_thread_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _SINGLE_THREAD_LOCK:
+            _single_thread_users -= 1
+            if _single_thread_users == 0:
+                torch.set_num_threads(_saved_threads)
 
 
 # --------------------------------------------------------------------------------------------

@@ -410,3 +410,21 @@ def test_metrics_cli_streams_fp16_and_observed_classes(tmp_path, capsys):
     assert got["classes_used"] == 4
     for name in FIRST_PASS + CLASSIFIER + ("ncc_mismatch",):
         assert got[name] == pytest.approx(getattr(want, name), rel=1e-12), name
+
+
+def test_computes_in_several_threads_restore_the_thread_count():
+    # compute runs small problems single-threaded; overlapping computes in several threads
+    # must give the process its thread count back
+    features, target, weight, _ = _problem(6, 8, 120)
+    stats = [_stream(features, target, 6) for _ in range(4)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        workers = [threading.Thread(target=lambda s=s: [s.compute(weight) for _ in range(30)]) for s in stats]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
