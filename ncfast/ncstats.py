@@ -362,11 +362,7 @@ class NCStats:
             raise TypeError(f"second_pass: expected NCSecondPass, got {type(second_pass).__name__}")
         w, b = check_classifier(weight, bias, self.num_classes, self.dim, self.device)
         index = observed_index(self.counts, classes, "compute")
-        counts, means, class_sq = self.counts, self.means, self.class_sq
-        if index is not None:
-            counts, means, class_sq = counts[index], means[index], class_sq[index]
-            w, b = (None, None) if w is None else (w[index], None if b is None else b[index])
-        values = state_metrics(counts, means, class_sq, self.within_scatter, w, b, num_classes=self.num_classes,
+        values = state_metrics(self.counts, self.means, self.class_sq, self.within_scatter, w, b, index,
                                nc1_per_class=nc1_per_class, global_mean=global_mean,
                                center_classifier=center_classifier, pairwise_dtype=pairwise_dtype)
         if second_pass is not None:

@@ -76,10 +76,16 @@ class NCMetrics:
         return "\n".join(lines)
 
 
-def global_mean_of(counts: Tensor, means: Tensor, global_mean: str) -> Tensor:
-    if global_mean == "samples":
-        return (counts[:, None] * means).sum(0) / counts.sum()
-    return means.mean(0)
+def global_mean_of(counts: Tensor, means: Tensor, global_mean: str, index: Optional[Tensor] = None) -> Tensor:
+    """μ_G (d,) float64: the mean of all samples ("samples") or of the class means ("classes")
+    of the classes ``index`` (all when ``None``), with no K×d temporary."""
+    if global_mean == "samples":  # classes outside ``index`` have no samples: they add nothing
+        return (counts @ means) / counts.sum()
+    total = torch.zeros(means.shape[1], dtype=torch.float64, device=means.device)
+    count = means.shape[0] if index is None else index.numel()
+    for _, _, rows in pairwise.row_blocks(count, index):
+        total += means[rows].sum(0)
+    return total / count
 
 
 def _pairwise_dtype(value: Optional[torch.dtype], num_classes: int) -> torch.dtype:
@@ -91,21 +97,26 @@ def _pairwise_dtype(value: Optional[torch.dtype], num_classes: int) -> torch.dty
 
 
 def _classifier_metrics(w: Tensor, b: Optional[Tensor], means: Tensor, mu_g: Tensor, mean_summary,
-                        center_classifier: bool, tile_dtype: torch.dtype) -> dict:
+                        center_classifier: bool, tile_dtype: torch.dtype, index: Optional[Tensor]) -> dict:
     """NC2, NC3, NC4 and the classifier's equinorm / equiangularity / max-angle from d×d
-    products and one pairwise sweep (``ncstats_pairwise``), a block of rows at a time."""
-    K = w.shape[0]
-    centre = w.sum(0, dtype=torch.float64) / K if center_classifier else None
-    summary = pairwise.summarize_rows(w, centre, tile_dtype)
+    products and one pairwise sweep (``ncstats_pairwise``), a block of rows at a time, over the
+    rows ``index`` of w (K, d) and means (K, d) (all when ``None``); b (K',) already selected."""
+    K = w.shape[0] if index is None else index.numel()
+    centre = None
+    if center_classifier:
+        centre = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+        for _, _, rows in pairwise.row_blocks(K, index):
+            centre += w[rows].sum(0, dtype=torch.float64)
+        centre /= K
+    summary = pairwise.summarize_rows(w, centre, tile_dtype, index)
     trace_wm = 0.0  # tr(W_c M̄) = Σ_k (w_k − w̄)·(μ_k − μ_G)
     logit_bias = torch.empty(K, dtype=torch.float64, device=w.device)
-    for start in range(0, K, pairwise.BLOCK_ROWS):
-        rows = w[start:start + pairwise.BLOCK_ROWS].to(torch.float64, copy=True)
-        stop = start + rows.shape[0]
+    for start, stop, selected in pairwise.row_blocks(K, index):
+        rows = w[selected].to(torch.float64, copy=True)
         logit_bias[start:stop] = rows @ mu_g
         if centre is not None:
             rows -= centre
-        trace_wm += float((rows * (means[start:stop] - mu_g)).sum())
+        trace_wm += float((rows * (means[selected] - mu_g)).sum())
     if b is not None:
         logit_bias += b
     gram, w_sum = summary.gram, summary.row_sum
@@ -123,26 +134,30 @@ def _classifier_metrics(w: Tensor, b: Optional[Tensor], means: Tensor, mu_g: Ten
 
 
 def state_metrics(counts: Tensor, means: Tensor, class_sq: Tensor, within_scatter: Tensor, w: Optional[Tensor],
-                  b: Optional[Tensor], *, num_classes: int, nc1_per_class: bool, global_mean: str,
+                  b: Optional[Tensor], index: Optional[Tensor], *, nc1_per_class: bool, global_mean: str,
                   center_classifier: bool, pairwise_dtype: Optional[torch.dtype]) -> dict:
-    """The first-pass fields of :class:`NCMetrics` for the classes given: counts (K,) > 0,
-    means (K, d), class_sq (K,), M_W (d, d), classifier rows w (K, d) and b (K,) or None
-    (already checked); ``num_classes`` is the statistics' K, reported beside the K used."""
-    K, d = means.shape
+    """The first-pass fields of :class:`NCMetrics` of a state: counts (K,), means (K, d),
+    class_sq (K,), M_W (d, d), classifier rows w (K, d) and b (K,) or None (already checked),
+    over the classes ``index`` (all when ``None``; every class used has samples). The rows in
+    use are read a block at a time, never copied whole."""
+    num_classes, d = means.shape
+    K = num_classes if index is None else index.numel()
+    mu_g = global_mean_of(counts, means, global_mean, index)
+    if index is not None:
+        counts, class_sq, b = counts[index], class_sq[index], None if b is None else b[index]
     tile_dtype = _pairwise_dtype(pairwise_dtype, K)
-    mu_g = global_mean_of(counts, means, global_mean)
-    summary = pairwise.summarize_rows(means, mu_g, tile_dtype)
+    summary = pairwise.summarize_rows(means, mu_g, tile_dtype, index)
     with ieee_fp32_matmul(means.device):
         max_angle, cdnv = pairwise.pairwise_sums(summary.unit, summary.norms, class_sq / counts)
         summary.unit = None  # the K×d tile operand is not needed any more
         values = dict(
             num_samples=int(counts.sum()), num_classes=num_classes, classes_used=K, dim=d,
             nc1=pairwise.nc1(within_scatter, float(counts.sum()), summary.gram, K, nc1_per_class,
-                             means - mu_g if K <= d else None),
+                             (means if index is None else means[index]) - mu_g if K <= d else None),
             equinorm_means=pairwise.std_mean_ratio(summary.norms),
             equiangularity_means=pairwise.equiangularity(summary),
             max_angle_means=max_angle, cdnv=cdnv,
         )
         if w is not None:
-            values.update(_classifier_metrics(w, b, means, mu_g, summary, center_classifier, tile_dtype))
+            values.update(_classifier_metrics(w, b, means, mu_g, summary, center_classifier, tile_dtype, index))
     return values

@@ -36,8 +36,8 @@ from . import _backend
 
 #: rows of one pairwise tile: a T×T float32 tile is 64 MiB, its GEMM T²·d flops
 TILE_ROWS = 4096
-#: rows converted to float64 at a time when summarising a K×d matrix
-BLOCK_ROWS = 8192
+#: rows converted to float64 at a time when summarising a K×d matrix (16 MiB at d = 1024)
+BLOCK_ROWS = 2048
 #: up to this many classes the pairwise tiles are float64 by default, float32 above
 FLOAT64_TILES_UP_TO = 8192
 
@@ -59,11 +59,22 @@ class RowSummary:
     unit: Optional[Tensor]
 
 
-def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optional[torch.dtype]) -> RowSummary:
-    """Summarise the rows v_k = matrix_k − centre of ``matrix`` (K, d), any float dtype, a
-    block of rows at a time (no K×d float64 copy). ``centre`` (d,) float64 or ``None``.
-    ``unit_dtype``: also keep the unit rows (K, d) in that dtype for :func:`pairwise_sums`."""
-    K, d = matrix.shape
+def row_blocks(count: int, index: Optional[Tensor]):
+    """(start, stop, rows) for each block of ≤ BLOCK_ROWS of the ``count`` rows in use: ``rows``
+    picks them out of the full matrix (a slice, or the block's part of ``index``), so a subset
+    of classes is never copied whole."""
+    for start in range(0, count, BLOCK_ROWS):
+        stop = min(start + BLOCK_ROWS, count)
+        yield start, stop, (slice(start, stop) if index is None else index[start:stop])
+
+
+def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optional[torch.dtype],
+                   index: Optional[Tensor] = None) -> RowSummary:
+    """Summarise the rows v_k = matrix_k − centre of ``matrix`` (K, d) (only the rows ``index``
+    when given), any float dtype, a block of rows at a time (no K×d float64 copy). ``centre``
+    (d,) float64 or ``None``. ``unit_dtype``: also keep the unit rows (K, d) in that dtype for
+    :func:`pairwise_sums`."""
+    K, d = matrix.shape if index is None else (index.numel(), matrix.shape[1])
     f64 = dict(dtype=torch.float64, device=matrix.device)
     norms = torch.empty(K, **f64)
     gram = torch.zeros(d, d, **f64)
@@ -72,9 +83,8 @@ def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optiona
     row_sum = torch.zeros(d, **f64)
     unit_fourth = torch.zeros((), **f64)
     unit = None if unit_dtype is None else torch.empty(K, d, dtype=unit_dtype, device=matrix.device)
-    for start in range(0, K, BLOCK_ROWS):
-        stop = min(start + BLOCK_ROWS, K)
-        rows = matrix[start:stop].to(torch.float64, copy=True)  # a copy: normalised in place below
+    for start, stop, selected in row_blocks(K, index):
+        rows = matrix[selected].to(torch.float64, copy=True)  # a copy: normalised in place below
         if centre is not None:
             rows -= centre
         gram.addmm_(rows.T, rows)

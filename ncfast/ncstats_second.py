@@ -13,6 +13,7 @@ from torch import Tensor
 from .ncstats_checks import (
     check_batch, check_classifier, check_count, check_global_mean, check_target_range, observed_index,
 )
+from .ncstats_metrics import global_mean_of
 
 DEFAULT_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 #: elements of one batch×classes float64 tile (16 MiB)
@@ -67,7 +68,7 @@ class NCSecondPass:
             index = observed_index(stats.counts, classes, "second_pass")
             self.means = stats.means.clone() if index is None else stats.means[index]
             self.counts = stats.counts.clone() if index is None else stats.counts[index]
-            self.mu_g = stats.global_mean(check_global_mean(global_mean))
+            self.mu_g = global_mean_of(stats.counts, stats.means, check_global_mean(global_mean), index)
         K = self.counts.shape[0]
         # class k -> its row among the classes used (all of them, or the observed ones)
         self._row_of = None if index is None else torch.full((self.num_classes,), -1, dtype=torch.int64,

@@ -142,17 +142,19 @@ def test_observed_classes_at_32000():
     _assert_metrics(metrics, vars(expected), FIRST_PASS + CLASSIFIER, 1e-12)
 
 
-def test_observed_classes_in_the_second_pass():
+@pytest.mark.parametrize("flags", [{}, {"global_mean": "classes", "center_classifier": True}])
+def test_observed_classes_in_the_second_pass(flags):
     features, target, weight, bias = _problem(6, 5, 300)
     keep = target != 2
     features, target = features[keep], target[keep]
     stats = _stream(features, target, 6)
     with pytest.raises(ValueError, match="classes='observed'"):
         stats.second_pass(weight, bias)
-    second = stats.second_pass(weight, bias, classes="observed").update(features, target)
-    metrics = stats.compute(weight, bias, classes="observed", second_pass=second)
+    second = stats.second_pass(weight, bias, classes="observed", global_mean=flags.get("global_mean", "samples"))
+    second.update(features, target)
+    metrics = stats.compute(weight, bias, classes="observed", second_pass=second, **flags)
     index = torch.tensor([0, 1, 3, 4, 5])
-    truth = nc_metrics_two_pass(features, torch.searchsorted(index, target), 5, weight[index], bias[index])
+    truth = nc_metrics_two_pass(features, torch.searchsorted(index, target), 5, weight[index], bias[index], **flags)
     assert metrics.ncc_mismatch == truth["ncc_mismatch"]
     assert metrics.cosine_margin_quantiles[0.0] == pytest.approx(truth["cosine_margin_quantiles"][0.0], abs=1e-12)
     _assert_metrics(metrics, truth, FIRST_PASS + CLASSIFIER, 1e-10)
