@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._dtypes import accumulation_dtype, dtype_name
 from .ncstats_checks import (
     check_batch, check_classifier, check_count, check_global_mean, check_target_range, ieee_fp32_matmul,
     observed_index, validated_state,
@@ -52,10 +53,6 @@ from .ncstats_second import NCSecondPass
 # and return the batch's counts (K',), means ν (K', d) and Σ_{i∈k}‖h_i − p_k‖² (K',) in
 # float64, ``centred`` getting scale·(h_i − p_{y_i}); :meth:`NCStats._fold` does the rest.
 # --------------------------------------------------------------------------------------------
-def _gram_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _centres(counts: Tensor, means: Tensor, state_counts: Tensor, state_means: Tensor) -> Tensor:
     """p_k = ν_k − t_k (ν_k − μ_k), t_k = √(n^a/(n^a + n^b)) (K', d)."""
     shrink = (state_counts / (state_counts + counts)).sqrt()
@@ -198,13 +195,13 @@ class NCStats:
         classes, local = torch.unique(target, sorted=True, return_inverse=True)
         backend = _backend.backend_for(features)
         with self._lock:
-            centred = self._centred_buffer(features.shape[0], _gram_dtype(features.dtype))
+            centred = self._centred_buffer(features.shape[0], accumulation_dtype(features.dtype))
             if backend == "cpp":
                 from . import _C
 
                 means = self._scratch(classes.shape[0])
                 exponent = _C.ncstats_update(
-                    _backend.cpu_buffer(features), local.numpy(), str(features.dtype).removeprefix("torch."),
+                    _backend.cpu_buffer(features), local.numpy(), dtype_name(features.dtype),
                     classes.numpy(), self.counts.numpy(), self.means.numpy(), self.class_sq.numpy(), means.numpy(),
                     centred.numpy(), torch.get_num_threads())
             else:

@@ -1,51 +1,37 @@
-"""A minimal progress bar on stderr (no tqdm): redrawn in place on a terminal, one line per
-tenth of the work otherwise (logs stay short)."""
+"""Progress bars: tqdm's when it is installed (the optional ``plot`` extra), otherwise none."""
 
 from __future__ import annotations
 
-import sys
-import time
 
+class _Bar:
+    """A tqdm bar drawn from the first completed step on, so that input refused before any work
+    leaves nothing on the terminal but its one-line error; silent without tqdm."""
 
-class Progress:
-    """``bar = Progress(total, "train"); bar.update(done, "loss=0.1"); bar.close()``."""
+    def __init__(self, total: int, label: str, enabled: bool):
+        self._total, self._label, self._enabled = total, label, enabled
+        self._bar = None
 
-    def __init__(self, total: int, label: str = "", stream=None, enabled: bool = True, width: int = 24):
-        self.total = max(int(total), 1)
-        self.label = label
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = enabled
-        self.width = width
-        self.start = time.perf_counter()
-        self._last_draw = 0.0
-        self._last_tenth = -1
-        self._interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._drawn = False
+    def update(self, n: int = 1) -> None:
+        if self._bar is None and self._enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self._enabled = False
+                return
+            self._bar = tqdm(total=self._total, desc=self._label, dynamic_ncols=True, leave=False)
+        if self._bar is not None:
+            self._bar.update(n)
 
-    def _line(self, done: int, message: str) -> str:
-        fraction = min(done / self.total, 1.0)
-        filled = int(round(fraction * self.width))
-        elapsed = time.perf_counter() - self.start
-        return (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
-                f"{elapsed:6.1f}s {message}")
-
-    def update(self, done: int, message: str = "") -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self._interactive:
-            if now - self._last_draw >= 0.1 or done >= self.total:
-                self.stream.write("\r\x1b[2K" + self._line(done, message))
-                self.stream.flush()
-                self._last_draw, self._drawn = now, True
-        else:
-            tenth = int(10 * min(done / self.total, 1.0))
-            if tenth > self._last_tenth:
-                self.stream.write(self._line(done, message) + "\n")
-                self.stream.flush()
-                self._last_tenth = tenth
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=refresh)
 
     def close(self) -> None:
-        if self.enabled and self._interactive and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def progress_bar(total: int, label: str, enabled: bool = True) -> _Bar:
+    """A bar over ``total`` steps on stderr: ``bar.update(1)``, ``bar.set_postfix_str(text)``,
+    ``bar.close()``. Nothing is drawn when ``enabled`` is false or tqdm is not installed."""
+    return _Bar(total, label, enabled)

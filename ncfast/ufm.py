@@ -1,17 +1,23 @@
-"""The unconstrained feature model (UFM, SPEC §5): a solver and its closed-form certificate.
+"""The unconstrained feature model (UFM): a solver and its closed-form certificate.
 
 The last-layer features are free variables H ∈ R^{N×d} (one row per sample, n per class,
 N = nK), with classifier W ∈ R^{K×d} and bias b ∈ R^K:
 
     F(W, H, b) = (1/N) Σ_i ℓ(W h_i + b, y_i) + λ_W/2 ‖W‖² + λ_H/2 ‖H‖² + λ_b/2 ‖b‖²
 
-(seed 003 eq. (4), seed 002 eq. (7), seed 004 eq. (2)); for "mse" the seeds' 1/(2N) form
-(1/(2N)) Σ_i ‖W h_i + b − e_{y_i}‖² (seed 000 eq. (3), seed 004 eq. (5)), generalised to the
-rescaled MSE (κ, β) of seed 000 eq. (4). The papers store features as columns; here they are
-rows, so the paper's Wᵀ H is our H Wᵀ.
+(Zhu et al., NeurIPS 2021, "A Geometric Analysis of Neural Collapse with Unconstrained
+Features", eq. (4); Zhou et al., NeurIPS 2022, "Are All Losses Created Equal", eq. (7); Wang et
+al. 2022, "Linear Convergence Analysis of Neural Collapse with Unconstrained Features", eq. (2));
+for the squared losses ("mse", "rescaled_mse") the papers' 1/(2N) form
+(1/(2N)) Σ_i ‖W h_i + b − e_{y_i}‖² (Zhou et al., ICML 2022, "On the Optimization Landscape of
+Neural Collapse under MSE Loss", eq. (3); Wang et al. 2022, eq. (5)), generalised to the
+rescaled MSE (κ, β) of Zhou et al. (ICML 2022) eq. (4). The loss names and their default
+hyper-parameters are :mod:`ncfast.loss_choices`'. The papers store features as columns; here
+they are rows, so the paper's Wᵀ H is our H Wᵀ.
 
-The global minimum is known in closed form for the MSE (seed 000 Thm 3.1, seed 004 Prop. 1) and
-for CE without bias (seed 004 Prop. 3); :func:`optimal_objective` returns it, and
+The global minimum is known in closed form for the MSE (Zhou et al., ICML 2022, Thm 3.1; Wang
+et al. 2022, Prop. 1) and for CE without bias (Wang et al. 2022, Prop. 3);
+:func:`optimal_objective` returns it, and
 :func:`solve`'s final objective minus it is a certificate of how far the solver is from the
 global minimum. Everything runs in float64 through the ncfast losses.
 """
@@ -25,40 +31,27 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .losses import cross_entropy, focal_loss, rescaled_mse
+from . import _checks
+from .loss_choices import LOSS_CHOICES, loss_parameters
+from .losses import rescaled_mse
 from .ncstats import NCStats
 
-UFM_LOSSES = ("ce", "mse", "focal", "ls")
 METHODS = ("gd", "lbfgs")
-# the seeds' experimental loss parameters (seed 002 §4), used when none is given
-_LOSS_DEFAULTS = {"ce": {}, "mse": {"kappa": 1.0, "beta": 1.0}, "focal": {"gamma": 3.0},
-                  "ls": {"label_smoothing": 0.1}}
 HISTORY_KEYS = ("objective", "grad_norm", "nc1", "nc2", "nc3")
 
 
 def balanced_labels(num_classes: int, per_class: int, device=None) -> Tensor:
-    """(N,) int64 labels 0, 1, …, K−1 repeated n times (seed 004's Y = 1_nᵀ ⊗ I_K)."""
+    """(N,) int64 labels 0, 1, …, K−1 repeated n times (Wang et al. 2022's Y = 1_nᵀ ⊗ I_K)."""
     return torch.arange(num_classes, device=device).repeat(per_class)
 
 
-def _loss_kwargs(loss: str, loss_kwargs: dict) -> dict:
-    if loss not in UFM_LOSSES:
-        raise ValueError(f"loss must be one of {UFM_LOSSES}, got {loss!r}")
-    unknown = set(loss_kwargs) - set(_LOSS_DEFAULTS[loss])
-    if unknown:
-        raise ValueError(f"loss={loss!r} takes {sorted(_LOSS_DEFAULTS[loss]) or 'no parameters'}, "
-                         f"got {sorted(unknown)}")
-    return {**_LOSS_DEFAULTS[loss], **loss_kwargs}
-
-
 def data_term(logits: Tensor, target: Tensor, loss: str, **loss_kwargs) -> Tensor:
-    """The UFM's data term from logits (N, K): mean loss, or Σ/(2N) for "mse"."""
-    params = _loss_kwargs(loss, loss_kwargs)
-    if loss == "mse":
-        return rescaled_mse(logits, target, reduction="sum", **params) / (2 * logits.shape[0])
-    if loss == "focal":
-        return focal_loss(logits, target, **params)
-    return cross_entropy(logits, target, **params)
+    """The UFM's data term from logits (N, K): the mean loss, or Σ/(2N) for the squared losses."""
+    params = loss_parameters(loss, **loss_kwargs)
+    function = LOSS_CHOICES[loss].function
+    if function is rescaled_mse:
+        return function(logits, target, reduction="sum", **params) / (2 * logits.shape[0])
+    return function(logits, target, **params)
 
 
 def objective(W: Tensor, H: Tensor, b: Optional[Tensor], target: Tensor, loss: str, lambda_w: float,
@@ -74,17 +67,17 @@ def objective(W: Tensor, H: Tensor, b: Optional[Tensor], target: Tensor, loss: s
 
 def _check_problem(num_classes, per_class, dim, lambda_w, lambda_h, lambda_b):
     for name, value, low in (("num_classes", num_classes, 2), ("per_class", per_class, 1), ("dim", dim, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    for name, value in (("lambda_w", lambda_w), ("lambda_h", lambda_h), ("lambda_b", lambda_b)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite value >= 0, got {value!r}")
-    if lambda_w == 0 or lambda_h == 0:
-        raise ValueError("lambda_w and lambda_h must be > 0 (without weight decay the UFM has no minimum)")
+        if _checks.integer(name, value) < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value}")
+    for name, value in (("lambda_w", lambda_w), ("lambda_h", lambda_h)):
+        _checks.finite_float(name, value, lambda v: v > 0, "a finite value > 0 (without weight decay the UFM has "
+                                                           "no minimum)")
+    _checks.finite_float("lambda_b", lambda_b, lambda v: v >= 0, "a finite value >= 0")
 
 
 def _mse_optimum(K: int, n: int, d: int, lambda_w: float, lambda_h: float, lambda_b: float, bias: bool) -> float:
-    """Global minimum of the 1/(2N) MSE UFM, following the proof of seed 000 Thm 3.1.
+    """Global minimum of the 1/(2N) MSE UFM, following the proof of Zhou et al. (ICML 2022)
+    Thm 3.1.
 
     For a fixed b, minimising over (W, H) is a rank-≤d nuclear-norm-regularised approximation
     of Y − b1ᵀ (min over WH = X of λ_W/2‖W‖² + λ_H/2‖H‖² is μ‖X‖_*, μ = √(λ_Wλ_H)): each of
@@ -123,20 +116,21 @@ def _mse_optimum(K: int, n: int, d: int, lambda_w: float, lambda_h: float, lambd
 
 def optimal_objective(num_classes: int, per_class: int, dim: int, loss: str, lambda_w: float, lambda_h: float,
                       lambda_b: float = 0.0, bias: bool = True, **loss_kwargs) -> Optional[float]:
-    """The UFM's global minimum F* in closed form, or None where the seeds give none.
+    """The UFM's global minimum F* in closed form, or None where the papers give none.
 
-    * "mse" (κ = β = 1), any d, with or without bias, any λ_b ≥ 0: seed 000 Thm 3.1 (see
-      :func:`_mse_optimum`). With bias and λ_b = 0 it reduces to seed 004 Prop. 1:
+    * "mse" (κ = β = 1), any d, with or without bias, any λ_b ≥ 0: Zhou et al. (ICML 2022)
+      Thm 3.1 (see :func:`_mse_optimum`). With bias and λ_b = 0 it reduces to Wang et al.
+      (2022) Prop. 1:
       F* = (K−1)(s − K s²/2), s = √(nλ_Wλ_H), when λ_Wλ_H < 1/(nK²), else (K−1)/(2K).
-    * "ce" without bias, d ≥ K−1: seed 004 Prop. 3 (stated for d ≥ K; its minimiser spans K−1
+    * "ce" without bias, d ≥ K−1: Wang et al. (2022) Prop. 3 (stated for d ≥ K; its minimiser spans K−1
       dimensions, so the value is the same at d = K−1): with γ = 1/s − K + 1,
       F* = log(1 + (K−1)/γ) + (K−1) s log γ when λ_Wλ_H < 1/(nK²), else log K.
     * everything else ("focal", "ls", CE with bias or d < K−1, rescaled MSE): None.
     """
     _check_problem(num_classes, per_class, dim, lambda_w, lambda_h, lambda_b)
-    params = _loss_kwargs(loss, loss_kwargs)
+    params = loss_parameters(loss, **loss_kwargs)
     K, n = num_classes, per_class
-    if loss == "mse" and params["kappa"] == 1.0 and params["beta"] == 1.0:
+    if LOSS_CHOICES[loss].function is rescaled_mse and params["kappa"] == 1.0 and params["beta"] == 1.0:
         return _mse_optimum(K, n, dim, lambda_w, lambda_h, lambda_b, bias)
     if loss == "ce" and not bias and dim >= K - 1:
         s = math.sqrt(n * lambda_w * lambda_h)
@@ -192,12 +186,14 @@ def solve(num_classes: int, per_class: int, dim: int, loss: str = "mse", lambda_
 
     Args:
         num_classes, per_class, dim: K, n, d (N = nK samples, labels :func:`balanced_labels`).
-        loss: "ce", "mse" (seeds' 1/(2N) form; ``kappa``/``beta`` give the rescaled MSE),
-            "focal" (``gamma``, default 3) or "ls" (``label_smoothing``, default 0.1).
+        loss: a name of :mod:`ncfast.loss_choices`: "ce", "focal" (``gamma``, default 3), "ls"
+            (``label_smoothing``, default 0.1), "mse" (κ = β = 1) or "rescaled_mse" (``kappa``,
+            ``beta``, default 1 and 15), the squared losses in the papers' 1/(2N) form.
         lambda_w, lambda_h, lambda_b: weight decays (> 0, > 0, ≥ 0).
         bias: optimise a bias b (decayed by λ_b) or fix b = 0.
-        method: "gd" — gradient descent with Armijo backtracking line search (seed 004 §3: start
-            each step at twice the last accepted step, halve until F decreases by ≥ 1e-4·t‖∇F‖²);
+        method: "gd" — gradient descent with Armijo backtracking line search (Wang et al.
+            2022, §3: start each step at twice the last accepted step, halve until F decreases
+            by ≥ 1e-4·t‖∇F‖²);
             "lbfgs" — ``torch.optim.LBFGS`` with the strong-Wolfe line search. GD's linear rate
             is fast for CE, but for the MSE at small λ_H the feature components outside W's row
             space shrink only by (1 − tλ_H) per step (the data term does not see them): use
@@ -211,17 +207,15 @@ def solve(num_classes: int, per_class: int, dim: int, loss: str = "mse", lambda_
         :class:`UFMResult`.
     """
     _check_problem(num_classes, per_class, dim, lambda_w, lambda_h, lambda_b)
-    params_loss = _loss_kwargs(loss, loss_kwargs)
+    params_loss = loss_parameters(loss, **loss_kwargs)
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if max_iters is None:
         max_iters = 50000 if method == "gd" else 5000
-    if not isinstance(max_iters, int) or max_iters < 0:
-        raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if not (isinstance(init_scale, (int, float)) and 0 < init_scale < math.inf):
-        raise ValueError(f"init_scale must be a finite value > 0, got {init_scale!r}")
+    if _checks.integer("max_iters", max_iters) < 0:
+        raise ValueError(f"max_iters: expected an int >= 0, got {max_iters}")
+    _checks.finite_float("tol", tol, lambda v: v >= 0, "a finite value >= 0")
+    _checks.finite_float("init_scale", init_scale, lambda v: v > 0, "a finite value > 0")
 
     generator = torch.Generator().manual_seed(seed)
     y = balanced_labels(num_classes, per_class)

@@ -387,10 +387,7 @@ def saved(tmp_path):
     return paths, (features, target, weight, bias)
 
 
-def test_cli_metrics_json_matches_api(saved, capsys, monkeypatch):
-    from ncfast.cli import metrics as metrics_command
-
-    monkeypatch.setattr(metrics_command, "PROGRESS_DELAY_S", 0.0)
+def test_cli_metrics_json_matches_api(saved, capsys):
     paths, (features, target, weight, bias) = saved
     code = cli_main(["metrics", str(paths["features"]), str(paths["labels"]), "--weight", str(paths["weight"]),
                      "--bias", str(paths["bias"]), "--json", "--batch-size", "77"])

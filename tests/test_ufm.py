@@ -1,4 +1,5 @@
-"""The UFM solver against the seeds' closed-form global minima (SPEC §5)."""
+"""The UFM solver against the papers' closed-form global minima (Zhou et al., ICML 2022, Thm 3.1;
+Wang et al. 2022, Prop. 1 and 3)."""
 
 import math
 
@@ -15,7 +16,8 @@ def _random_orthonormal(rows, cols, seed):
 
 
 def _prop1_point(K, n, d, lw, lh):
-    """Seed 004 Prop. 1 (ii), written with rows: W = (nλ_H/λ_W)^{1/4} √γ V̄ Uᵀ, H_i = √(λ_W/(nλ_H)) W, b = 1/K."""
+    """Wang et al. (2022) Prop. 1 (ii), written with rows: W = (nλ_H/λ_W)^{1/4} √γ V̄ Uᵀ,
+    H_i = √(λ_W/(nλ_H)) W, b = 1/K."""
     gamma = 1 - K * math.sqrt(n * lw * lh)
     centred = torch.eye(K, dtype=torch.float64) - 1 / K
     vbar = torch.linalg.qr(centred[:, : K - 1])[0]  # V̄ V̄ᵀ = P
@@ -25,7 +27,7 @@ def _prop1_point(K, n, d, lw, lh):
 
 
 def _prop3_point(K, n, d, lw, lh):
-    """Seed 004 Prop. 3 (ii): W = (nλ_H/λ_W)^{1/4} √(log γ) (U P)ᵀ, H_i = √(λ_W/(nλ_H)) W."""
+    """Wang et al. (2022) Prop. 3 (ii): W = (nλ_H/λ_W)^{1/4} √(log γ) (U P)ᵀ, H_i = √(λ_W/(nλ_H)) W."""
     gamma = 1 / math.sqrt(n * lw * lh) - K + 1
     centred = torch.eye(K, dtype=torch.float64) - 1 / K
     W = (n * lh / lw) ** 0.25 * math.sqrt(math.log(gamma)) * (_random_orthonormal(d, K, 2) @ centred).T
@@ -36,7 +38,7 @@ PROBLEMS = [(10, 10, 20, 5e-4, 5e-5), (4, 5, 6, 1e-3, 1e-2), (3, 7, 3, 2e-2, 1e-
 
 
 @pytest.mark.parametrize("K,n,d,lw,lh", PROBLEMS)
-def test_optimal_objective_is_the_seed_closed_forms(K, n, d, lw, lh):
+def test_optimal_objective_is_the_papers_closed_forms(K, n, d, lw, lh):
     assert lw * lh < 1 / (n * K * K)
     y = ufm.balanced_labels(K, n)
     W, H, b = _prop1_point(K, n, d, lw, lh)
@@ -85,7 +87,7 @@ def _final_nc1(result):
 
 
 # (K, n, d, λ_W, λ_H, loss, bias, λ_b): the acceptance problem, others under the threshold, and
-# seed 000 Thm 3.1's bias decay / no bias / d < K−1
+# Zhou et al. (ICML 2022) Thm 3.1's bias decay / no bias / d < K−1
 SOLVES = [
     (10, 10, 20, 5e-4, 5e-5, "mse", True, 0.0),
     (10, 10, 20, 5e-4, 5e-5, "ce", False, 0.0),
@@ -135,16 +137,3 @@ def test_solve_rejects_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ufm.solve(**args)
-
-
-def test_cli_ufm(tmp_path, capsys):
-    from ncfast.cli import main
-
-    assert main(["ufm", "--classes", "4", "--per-class", "3", "--dim", "5", "--loss", "ce", "--no-bias",
-                 "--lambda-w", "1e-2", "--lambda-h", "1e-2", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    gap = float(out.split("gap")[1].split()[0])
-    assert abs(gap) < 1e-10
-    assert (tmp_path / "ufm_ce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len((tmp_path / "ufm_ce.csv").read_text().splitlines()) > 10
-    assert main(["ufm", "--loss", "ce", "--kappa", "2", "--out", str(tmp_path)]) == 2

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..ncstats import NCStats
 from ..ncstats_checks import CLASS_SETS
+from ..progress import progress_bar
 from .common import CLIError
 
 CLI_HELP = "Neural-collapse metrics of saved features (N, d) and labels (N,) streamed from .npy files."
@@ -23,9 +24,6 @@ CLI_HELP = "Neural-collapse metrics of saved features (N, d) and labels (N,) str
 #: feature dtypes streamed as they are (anything else floating is read as float32)
 _STREAMED = (np.float16, np.float32, np.float64)
 _PAIRWISE = {"auto": None, "float32": torch.float32, "float64": torch.float64}
-#: a pass shows its progress bar once it has run this long (a quick run, or one failing on
-#: its first rows, prints nothing but its result or its one-line error)
-PROGRESS_DELAY_S = 1.0
 
 
 def add_arguments(parser) -> None:
@@ -111,8 +109,6 @@ def _physical_memory() -> int:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     features = _load(args.features, "features", 2)
@@ -139,13 +135,17 @@ def run(args) -> int:
         bias = _classifier_tensor(args.bias, "bias", 1, (num_classes,))
 
     def stream(label: str, sink) -> None:
-        with tqdm(chunks, desc=label, unit="batch", disable=args.quiet, delay=PROGRESS_DELAY_S) as bar:
-            for a, b in bar:
+        bar = progress_bar(len(chunks), label, enabled=not args.quiet)
+        try:
+            for a, b in chunks:
                 try:
-                    sink.update(_float_tensor(features[a:b]), torch.from_numpy(np.array(labels[a:b], dtype=np.int64)))
+                    sink.update(_float_tensor(features[a:b]),
+                                torch.from_numpy(np.array(labels[a:b], dtype=np.int64)))
                 except ValueError as error:
-                    bar.leave = False  # the bar goes, the error stays: one line
                     raise CLIError(f"rows {a}..{b - 1}: {error}") from None
+                bar.update(1)
+        finally:
+            bar.close()
 
     stats = NCStats(num_classes, d)
     second_needed = weight is not None or args.numerical_rank

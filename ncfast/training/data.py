@@ -2,16 +2,16 @@
 standard files (:func:`load_dataset`).
 
 The embedded scikit-learn "digits" (default, no download), Gaussian inputs with random or true
-labels (seed 004 §3, seed 003 Fig. 5), and MNIST / CIFAR-10 / CIFAR-100 read from their standard
+labels (Wang, Liu, Yaras, Balzano, Qu 2022, "Linear Convergence Analysis of Neural Collapse with
+Unconstrained Features", §3; Zhu et al., NeurIPS 2021, "A Geometric Analysis of Neural Collapse
+with Unconstrained Features", Fig. 5), and MNIST / CIFAR-10 / CIFAR-100 read from their standard
 files in a user-given folder; nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .readers import read_cifar_batch, read_idx
+
 DATASETS = ("digits", "gaussian", "mnist", "cifar10", "cifar100")
+GAUSSIAN_LABELS = ("random", "true")
+FLAT_DATASETS = ("digits", "gaussian")  # vectors; the others are images (C, H, W)
 _DATA_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
@@ -55,8 +59,8 @@ def _load_digits(seed: int):
 
 
 def _gaussian(num_classes: int, per_class: int, dim: int, labels: str, seed: int):
-    """Seed 004 §3: x ~ N(0, I/4) in R^D, balanced labels. ``labels="random"`` draws them
-    independently of x (memorisation, seed 003 Fig. 5); ``"true"`` shifts each class by its own
+    """Wang et al. (2022) §3: x ~ N(0, I/4) in R^D, balanced labels. ``labels="random"`` draws
+    them independently of x (memorisation, Zhu et al. 2021, Fig. 5); ``"true"`` shifts each class by its own
     mean ~ N(0, I/D) so the labels are learnable. The test set is drawn the same way."""
     gen = torch.Generator().manual_seed(seed)
     means = torch.randn(num_classes, dim, generator=gen) / math.sqrt(dim) * 4.0
@@ -69,21 +73,13 @@ def _gaussian(num_classes: int, per_class: int, dim: int, labels: str, seed: int
     return draw(per_class) + draw(max(per_class // 4, 1)) + (num_classes,)
 
 
-def _read_idx(path: str) -> np.ndarray:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _find(data_dir: str, names) -> str:
+def _find(data_dir: str, names, compressed: bool = True) -> str:
     for name in names:
-        for candidate in (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")):
+        suffixes = ("", ".gz") if compressed else ("",)
+        for candidate in (os.path.join(data_dir, name + suffix) for suffix in suffixes):
             if os.path.exists(candidate):
                 return candidate
-    raise ValueError(f"data_dir: none of {list(names)} (or .gz) found in {data_dir!r}")
+    raise ValueError(f"data_dir: none of {list(names)}{' (or .gz)' if compressed else ''} found in {data_dir!r}")
 
 
 def _load_mnist(data_dir: str):
@@ -92,30 +88,35 @@ def _load_mnist(data_dir: str):
     roots = [data_dir, os.path.join(data_dir, "MNIST", "raw")]
     root = next((r for r in roots if os.path.isdir(r) and any(f.startswith("train-images") for f in os.listdir(r))),
                 data_dir)
-    parts = [_read_idx(_find(root, [name])) for name in
-             ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
-    x_train, x_test = (torch.from_numpy(p.astype(np.float32) / 255.0)[:, None] for p in (parts[0], parts[2]))
+    splits = []
+    for prefix in ("train", "t10k"):
+        images_path, labels_path = (_find(root, [f"{prefix}-{kind}"]) for kind in ("images-idx3-ubyte",
+                                                                                    "labels-idx1-ubyte"))
+        images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+        if len(images) != len(labels):
+            raise ValueError(f"data_dir: {images_path} holds {len(images)} images but {labels_path} "
+                             f"{len(labels)} labels")
+        if labels.max() >= 10:
+            raise ValueError(f"{labels_path}: label {labels.max()} outside the 10 MNIST classes")
+        splits.append((torch.from_numpy(images.astype(np.float32) / 255.0)[:, None],
+                       torch.from_numpy(labels.astype(np.int64))))
+    (x_train, y_train), (x_test, y_test) = splits
     mean, std = 0.1307, 0.3081
-    return ((x_train - mean) / std, torch.from_numpy(parts[1].astype(np.int64)),
-            (x_test - mean) / std, torch.from_numpy(parts[3].astype(np.int64)), 10)
+    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test, 10
 
 
 def _load_cifar(data_dir: str, classes: int):
-    """CIFAR-10/100 from the python pickles (cifar-10-batches-py/, cifar-100-python/)."""
+    """CIFAR-10/100 from the python pickles (cifar-10-batches-py/, cifar-100-python/), read
+    without executing code (:func:`ncfast.training.readers.read_cifar_batch`)."""
     folder = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
     root = os.path.join(data_dir, folder) if os.path.isdir(os.path.join(data_dir, folder)) else data_dir
     names = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if classes == 10 else (["train"], ["test"])
     key = b"labels" if classes == 10 else b"fine_labels"
 
     def read(files):
-        xs, ys = [], []
-        for name in files:
-            with open(_find(root, [name]), "rb") as handle:
-                batch = pickle.load(handle, encoding="bytes")
-            xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[key], np.int64))
-        x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)
-        return x, torch.from_numpy(np.concatenate(ys))
+        batches = [read_cifar_batch(_find(root, [name], compressed=False), key, classes) for name in files]
+        x = torch.from_numpy(np.concatenate([images for images, _ in batches]).astype(np.float32) / 255.0)
+        return x, torch.from_numpy(np.concatenate([labels for _, labels in batches]))
 
     x_train, y_train = read(names[0])
     x_test, y_test = read(names[1])
@@ -133,12 +134,14 @@ def load_dataset(name: str = "digits", data_dir: Optional[str] = None, seed: int
         name: "digits" (embedded), "gaussian", "mnist", "cifar10" or "cifar100".
         data_dir: folder with the standard files (MNIST, CIFAR); nothing is downloaded.
         seed: seeds the digits train/test split, Gaussian draws and random labels.
-        random_labels: replace the training labels by uniformly random ones (seed 003 Fig. 5).
+        random_labels: replace the training labels by uniformly random ones (Zhu et al.
+            2021, Fig. 5).
         train_size: keep only the first ``train_size`` training samples (a subset for quick runs).
-        gaussian_*: D, K, n and "random" | "true" labels for ``name="gaussian"`` (seed 004 §3).
+        gaussian_*: D, K, n and "random" | "true" labels for ``name="gaussian"`` (Wang et al.
+            2022, §3).
     """
     if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+        raise ValueError(f"dataset: expected one of {DATASETS}, got {name!r}")
     if name in ("mnist", "cifar10", "cifar100"):
         if not data_dir or not os.path.isdir(data_dir):
             raise ValueError(f"data_dir: {name} is read from its standard files; give an existing folder "
@@ -146,8 +149,8 @@ def load_dataset(name: str = "digits", data_dir: Optional[str] = None, seed: int
     if name == "digits":
         parts = _load_digits(seed)
     elif name == "gaussian":
-        if gaussian_labels not in ("random", "true"):
-            raise ValueError(f"gaussian_labels must be 'random' or 'true', got {gaussian_labels!r}")
+        if gaussian_labels not in GAUSSIAN_LABELS:
+            raise ValueError(f"gaussian_labels: expected one of {GAUSSIAN_LABELS}, got {gaussian_labels!r}")
         parts = _gaussian(gaussian_classes, gaussian_per_class, gaussian_dim, gaussian_labels, seed)
     elif name == "mnist":
         parts = _load_mnist(data_dir)

@@ -1,4 +1,4 @@
-"""The training loop: losses, learning-rate schedules, optimisers, per-epoch evaluation with
+"""The training loop: learning-rate schedules, optimisers, per-epoch evaluation with
 neural-collapse metrics, data-parallel training under ``torchrun``.
 
 After every epoch NC1–NC4 of the training set come from :class:`ncfast.NCStats` on the
@@ -19,36 +19,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..losses import cross_entropy, focal_loss, rescaled_mse
+from ..loss_choices import loss_function
 from ..ncstats import NCStats
-from ..progress import Progress
-from .config import LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig, check_config
+from ..progress import progress_bar
+from .config import OPTIMIZERS, SCHEDULES, TrainConfig, check_config, check_training_set
 from .data import Dataset, load_dataset
 from .logs import write_logs
 from .models import build_model, trainable_parameters
 
 
-def make_loss(name: str, label_smoothing: Optional[float] = None, gamma: Optional[float] = None,
-              kappa: Optional[float] = None, beta: Optional[float] = None):
-    """(logits, target) -> mean loss. Defaults are seed 002 §4's: ls α = 0.1, focal γ = 3,
-    mse κ = 1, β = 15 (pass κ = β = 1 for vanilla MSE)."""
-    if name == "ce":
-        return lambda z, y: cross_entropy(z, y, label_smoothing=label_smoothing or 0.0)
-    if name == "ls":
-        alpha = 0.1 if label_smoothing is None else label_smoothing
-        return lambda z, y: cross_entropy(z, y, label_smoothing=alpha)
-    if name == "focal":
-        g = 3.0 if gamma is None else gamma
-        return lambda z, y: focal_loss(z, y, gamma=g)
-    if name == "mse":
-        k, b = (1.0 if kappa is None else kappa), (15.0 if beta is None else beta)
-        return lambda z, y: rescaled_mse(z, y, kappa=k, beta=b)
-    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
-
-
 def lr_factor(schedule: str, epoch: int, epochs: int, step_size: int = 40) -> float:
     """Learning-rate multiplier at ``epoch`` (0-based): "step" ÷10 every ``step_size`` epochs
-    (seed 003 §4), "multistep" ×0.1 at 3/7 and 5/7 of training (seed 002 §4), "cosine", "constant"."""
+    (Zhu et al., NeurIPS 2021, §4), "multistep" ×0.1 at 3/7 and 5/7 of training (Zhou et al.,
+    NeurIPS 2022, "Are All Losses Created Equal", §4), "cosine", "constant"."""
     if schedule == "constant":
         return 1.0
     if schedule == "step":
@@ -57,7 +40,7 @@ def lr_factor(schedule: str, epoch: int, epochs: int, step_size: int = 40) -> fl
         return 0.1 ** sum(epoch >= m for m in (int(epochs * 3 / 7), int(epochs * 5 / 7)))
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
 
 
 @dataclass
@@ -141,7 +124,7 @@ def _optimizer(config: TrainConfig, model: nn.Module):
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "lbfgs":  # weight decay goes into the closure's loss (LBFGS has none)
         return torch.optim.LBFGS(params, lr=config.lr, history_size=20, max_iter=5, line_search_fn="strong_wolfe")
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {config.optimizer!r}")
 
 
 def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optional[nn.Module] = None) -> TrainResult:
@@ -161,6 +144,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optiona
         dataset = load_dataset(config.dataset, config.data_dir, config.seed, config.random_labels, config.train_size,
                                config.gaussian_dim, config.gaussian_classes, config.gaussian_per_class,
                                config.gaussian_labels)
+    check_training_set(config, dataset.y_train, dataset.num_classes, world)
     if model is None:
         model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.feature_dim, config.width,
                             config.depth, config.fixed_etf, config.bias, config.batch_norm)
@@ -170,14 +154,15 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optiona
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = make_loss(config.loss, config.label_smoothing, config.gamma, config.kappa, config.beta)
+    loss_fn = loss_function(config.loss, label_smoothing=config.label_smoothing, gamma=config.gamma,
+                            kappa=config.kappa, beta=config.beta)
     optimizer = _optimizer(config, net)
     params = [p for p in net.parameters() if p.requires_grad]
     result = TrainResult(config, model=model, trainable_parameters=trainable_parameters(model))
     x, y = dataset.x_train, dataset.y_train
     order_gen = torch.Generator().manual_seed(config.seed)
     batches_per_epoch = math.ceil(len(y) / config.batch_size)
-    bar = Progress(config.epochs * batches_per_epoch, f"{config.loss}", enabled=not config.quiet and rank == 0)
+    bar = progress_bar(config.epochs * batches_per_epoch, config.loss, enabled=not config.quiet and rank == 0)
     start = time.perf_counter()
     for epoch in range(config.epochs):
         lr = config.lr * lr_factor(config.schedule, epoch, config.epochs, config.step_size)
@@ -211,7 +196,8 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optiona
                 raise FloatingPointError(f"loss is {closure.loss} at epoch {epoch}: lower the learning rate")
             total += closure.loss * len(yb)
             count += len(yb)
-            bar.update(epoch * batches_per_epoch + index + 1, f"epoch {epoch + 1} loss {closure.loss:.4g}")
+            bar.update(1)
+            bar.set_postfix_str(f"epoch {epoch + 1} loss {closure.loss:.4g}", refresh=False)
         sums = torch.tensor([total, count], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(sums)

@@ -21,7 +21,8 @@ def _classifier(dim: int, num_classes: int, fixed_etf: bool, bias: bool) -> nn.M
 class MLP(nn.Module):
     """Flatten -> [Linear(width) -> BatchNorm -> ReLU] × depth -> Linear(d) -> ReLU -> classifier.
 
-    ``features`` are the d-dimensional post-ReLU activations (seed 003's penultimate layer)."""
+    ``features`` are the d-dimensional post-ReLU activations (the penultimate layer of
+    Zhu et al., NeurIPS 2021)."""
 
     def __init__(self, in_features: int, num_classes: int, feature_dim: int = 64, width: int = 256,
                  depth: int = 2, fixed_etf: bool = False, bias: bool = True, batch_norm: bool = True):
@@ -62,7 +63,7 @@ class ResNet18(nn.Module):
     """ResNet18, CIFAR variant (3×3 stem, no max-pool; He et al. 2016 §4.2 layout with
     [2, 2, 2, 2] basic blocks), channels 64·w, 128·w, 256·w, 512·w for width multiplier w.
     Global average pooling gives 512·w features; with ``feature_dim`` set, a Linear + ReLU
-    maps them to d (seed 003 uses d = K)."""
+    maps them to d (Zhu et al., NeurIPS 2021, use d = K)."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: float = 1.0,
                  feature_dim: Optional[int] = None, fixed_etf: bool = False, bias: bool = True):
@@ -99,7 +100,7 @@ def build_model(name: str, input_shape: tuple, num_classes: int, feature_dim: Op
         if len(input_shape) != 3:
             raise ValueError(f"model: resnet18 needs image inputs (C, H, W), the data has shape {input_shape}")
         return ResNet18(num_classes, input_shape[0], width, feature_dim, fixed_etf, bias)
-    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    raise ValueError(f"model: expected one of {MODELS}, got {name!r}")
 
 
 def trainable_parameters(model: nn.Module) -> int:
