@@ -12,6 +12,7 @@ from .losses import (
     rescaled_mse,
 )
 from .ncstats import NCMetrics, NCSecondPass, NCStats, nc_metrics
+from .tracker import NCTracker
 from . import training, ufm  # noqa: E402  (modules: ncfast.training.train(...), ncfast.ufm.solve(...))
 from .training import TrainConfig
 from .ufm import UFMResult, optimal_objective
@@ -25,6 +26,7 @@ __all__ = [
     "NCMetrics",
     "NCSecondPass",
     "NCStats",
+    "NCTracker",
     "RescaledMSELoss",
     "TrainConfig",
     "UFMResult",

@@ -1,8 +1,8 @@
-"""Simplex equiangular tight frames and the fixed-ETF classifier (SPEC §4).
+"""Simplex equiangular tight frames and the fixed-ETF classifier.
 
 A simplex ETF of K classes in R^d is K unit vectors with pairwise cosine −1/(K−1): the
-geometry neural collapse converges to (seed 003 §4.3, footnote 14). Fixing the last layer to
-it removes K·d trainable parameters without losing accuracy (seed 003 Fig. 7)."""
+geometry neural collapse converges to (Zhu et al., NeurIPS 2021, §4.3, footnote 14). Fixing the last layer to
+it removes K·d trainable parameters without losing accuracy (Zhu et al., NeurIPS 2021, Fig. 7)."""
 
 from __future__ import annotations
 

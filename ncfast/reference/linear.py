@@ -1,4 +1,4 @@
-"""Reference fused linear + loss (SPEC §2), unfused: the full (N, K) logits H Wᵀ + b, then the
+"""Reference fused linear + loss, unfused: the full (N, K) logits H Wᵀ + b, then the
 per-row loss of :mod:`ncfast.reference.losses`; autograd gives the gradients of H, W and b."""
 
 from __future__ import annotations

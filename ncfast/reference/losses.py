@@ -1,4 +1,5 @@
-"""Reference loss formulas (SPEC §1), written plainly in torch; autograd gives their gradients.
+"""Reference loss formulas (Zhou et al., NeurIPS 2022, eq. (3)–(6)), written plainly in torch;
+autograd gives their gradients.
 
 Each returns the per-row loss ``w_{y_i}·ℓ_i`` (0 for ignored rows) and is differentiable."""
 
@@ -27,8 +28,8 @@ def capped(logits, softcap=0.0):
 
 def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
                        softcap=0.0):
-    """ℓ = w_y (lse(z) − Σ_j q_j z_j), q = (1−α)e_y + α/K (seed 002 eq. (3)–(5)); with class
-    weights the smoothing term is (α/K) Σ_j w_j (lse − z_j), as in torch. Optional z-loss
+    """ℓ = w_y (lse(z) − Σ_j q_j z_j), q = (1−α)e_y + α/K (Zhou et al., NeurIPS 2022, eq. (3), (5));
+    with class weights the smoothing term is (α/K) Σ_j w_j (lse − z_j), as in torch. Optional z-loss
     w_y λ lse², on the logits capped by softcap·tanh(z/softcap) when softcap > 0."""
     logits = capped(logits, softcap)
     log_p = torch.log_softmax(logits, dim=1)
@@ -44,7 +45,7 @@ def cross_entropy_rows(logits, target, weight=None, ignore_index=-100, label_smo
 
 
 def focal_rows(logits, target, gamma=2.0, alpha=None, weight=None, ignore_index=-100):
-    """ℓ = −α_y (1−p_y)^γ log p_y (seed 002 eq. (6), Lin et al.)."""
+    """ℓ = −α_y (1−p_y)^γ log p_y (Zhou et al., NeurIPS 2022, eq. (4); Lin et al., ICCV 2017)."""
     log_p_y, keep, safe = _gather_target(torch.log_softmax(logits, dim=1), target, ignore_index)
     one_minus_p = -torch.expm1(log_p_y)
     # (1-p)^γ with a gradient that stays finite at p = 1 (the limit there is 0 for γ > 0).
@@ -57,7 +58,8 @@ def focal_rows(logits, target, gamma=2.0, alpha=None, weight=None, ignore_index=
 
 
 def rescaled_mse_rows(logits, target, kappa=1.0, beta=1.0, weight=None, ignore_index=-100):
-    """ℓ = κ(z_y − β)² + Σ_{j≠y} z_j² (seed 002 eq. (6); seed 000 eq. (4) with (α, M) = (κ, β))."""
+    """ℓ = κ(z_y − β)² + Σ_{j≠y} z_j² (Zhou et al., NeurIPS 2022, eq. (6); Zhou et al., ICML 2022,
+    eq. (4) with (α, M) = (κ, β))."""
     z_y, keep, safe = _gather_target(logits, target, ignore_index)
     is_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, safe[:, None], True)
     others = (logits**2).masked_fill(is_target, 0.0).sum(dim=1)
@@ -81,7 +83,7 @@ def reduce(rows, target, weight, ignore_index, reduction):
 
 def rows_and_grad(loss, logits, target, weight=None, alpha=None, ignore_index=-100, label_smoothing=0.0,
                   gamma=2.0, kappa=1.0, beta=1.0, lse_square_scale=0.0, softcap=0.0):
-    """Per-row losses, their gradient ∂(Σ_i rows_i)/∂logits in closed form (SPEC §1's g column)
+    """Per-row losses, their gradient ∂(Σ_i rows_i)/∂logits in closed form (the g of each loss)
     and each row's lse (0 for ignored rows and the MSE), without autograd: the ``"torch"``
     backend. Tests check it against autograd of the ``*_rows`` functions above."""
     z = capped(logits, softcap)

@@ -17,7 +17,8 @@ from torch import Tensor
 
 
 def etf(num_classes: int, dtype=torch.float64, device=None) -> Tensor:
-    """(I_K − 11ᵀ/K)/√(K−1): the simplex ETF Gram with unit Frobenius norm (Zhu et al. 2021 eq. (8))."""
+    """(I_K − 11ᵀ/K)/√(K−1): the simplex ETF Gram with unit Frobenius norm (Zhu et al., NeurIPS
+    2021, eq. (8))."""
     K = num_classes
     return (torch.eye(K, dtype=dtype, device=device) - 1.0 / K) / (K - 1) ** 0.5
 
@@ -46,7 +47,7 @@ def nc_metrics_two_pass(
     pinv_via_means: bool = False,
     quantiles=(0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0),
 ) -> dict:
-    """Every neural-collapse metric from all data at once, in float64, the textbook way.
+    """Every metric of :class:`ncfast.NCMetrics` from all data at once, in float64, the textbook way.
 
     Class means first, then Σ_W from the centred features (two passes), Σ_B as a d×d matrix
     and ``torch.linalg.pinv(Σ_B, hermitian=True)`` (default tolerance max(d, d)·eps). For large

@@ -58,7 +58,6 @@ class TrainConfig:
     device: Optional[str] = None  # "cpu", "cuda", "cuda:1"; default: cuda:LOCAL_RANK when available, else cpu
     out: Optional[str] = None
     quiet: bool = False
-    stop_at: Optional[float] = None  # stop once NC1 ≤ this and train accuracy is 100%
 
 
 def _choice(name: str, value, allowed: tuple) -> None:
@@ -129,7 +128,6 @@ def check_config(config: TrainConfig) -> None:
     _number("weight_decay", config.weight_decay, lambda v: v >= 0, "a finite value >= 0")
     _number("width", config.width, lambda v: v > 0, "a finite width multiplier > 0")
     _number("clip_grad_norm", config.clip_grad_norm, lambda v: v > 0, "a finite value > 0", optional=True)
-    _number("stop_at", config.stop_at, lambda v: v > 0, "a finite value > 0", optional=True)
     check_device("device", config.device)
     if config.out is not None:
         check_output_folder("out", config.out)

@@ -41,10 +41,10 @@ def history_panels(runs: Mapping[str, Sequence[dict]], panels: Sequence[str] = P
             for name in panels}
 
 
-def write_logs(result: TrainResult, out: str, stem: str) -> list:
+def write_logs(result: TrainResult, out: str, stem: str, figure: bool = True) -> list:
     """Write under ``out``: ``stem``.csv (one row per epoch), ``stem``.json (config, parameter
-    count, history) and, when matplotlib is installed, ``stem``.png (training and test error,
-    NC1–NC4 against epoch, log scale). Returns the paths written."""
+    count, history) and, with ``figure`` and matplotlib installed, ``stem``.png (training and
+    test error, NC1–NC4 against epoch, log scale). Returns the paths written."""
     os.makedirs(out, exist_ok=True)
     history = result.history
     keys = list(history[0]) if history else []
@@ -56,7 +56,7 @@ def write_logs(result: TrainResult, out: str, stem: str) -> list:
     with open(paths[1], "w") as handle:
         json.dump({"config": dataclasses.asdict(result.config), "trainable_parameters": result.trainable_parameters,
                    "seconds": result.seconds, "history": history}, handle, indent=1)
-    if history and figures_available():
+    if figure and history and figures_available():
         panels = history_panels({stem: history}, tuple(HISTORY_PANELS))
         paths.append(write_curves(os.path.join(out, f"{stem}.png"), panels, "epoch", title=stem, columns=3))
     return paths

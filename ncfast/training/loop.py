@@ -1,10 +1,10 @@
 """The training loop: learning-rate schedules, optimisers, per-epoch evaluation with
 neural-collapse metrics, data-parallel training under ``torchrun``.
 
-After every epoch NC1–NC4 of the training set come from :class:`ncfast.NCStats` on the
-penultimate features, with train and test accuracy. Under ``torchrun`` it trains data-parallel
-(DDP; gloo on CPU, NCCL on CUDA) and all-reduces the NC statistics, so the metrics are those of
-the whole set.
+After every epoch NC1–NC4 of the training set come from an :class:`ncfast.NCTracker` on the
+classifier (it sees the penultimate features), with train and test accuracy. Under ``torchrun``
+it trains data-parallel (DDP; gloo on CPU, NCCL on CUDA) and all-reduces the NC statistics, so
+the metrics are those of the whole set.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..loss_choices import loss_function
-from ..ncstats import NCStats
 from ..progress import progress_bar
+from ..tracker import NCTracker
 from .config import OPTIMIZERS, SCHEDULES, TrainConfig, check_config, check_training_set
 from .data import Dataset, load_dataset
 from .logs import write_logs
@@ -70,47 +70,37 @@ def _unwrap(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_size: int = 512,
              nc: bool = True, second_pass: bool = False) -> dict:
-    """Accuracy and (``nc=True``) NC metrics of ``model`` on (x, y), in eval mode.
+    """Accuracy and (``nc=True``) NC metrics of ``model`` on (x, y), in eval mode: an
+    :class:`ncfast.NCTracker` on ``model.classifier`` sees the features that enter it.
 
     Under torch.distributed each rank takes the samples ``rank::world`` and the NC statistics
     and counts are all-reduced, so every rank gets the metrics of the whole set."""
     net = _unwrap(model)
+    if net.classifier.weight.shape[0] != num_classes:
+        raise ValueError(f"num_classes: is {num_classes}, the model's classifier has {net.classifier.weight.shape[0]}")
     was_training = net.training
     net.eval()
     rank, world = rank_and_world()
     device = net.classifier.weight.device
     x, y = x[rank::world], y[rank::world]
-    classifier = net.classifier
-
-    def batches():  # (features, target) per batch, on the model's device
-        for start in range(0, len(y), batch_size):
-            xb = x[start: start + batch_size].to(device, non_blocking=True)
-            yield net.features(xb), y[start: start + batch_size].to(device, non_blocking=True)
-
-    stats = NCStats(num_classes, classifier.weight.shape[1], device=device) if nc else None
+    tracker = NCTracker(net.classifier, enabled=nc)
     correct = torch.zeros(2, dtype=torch.float64, device=device)
-    for features, target in batches():
-        correct[0] += (classifier(features).argmax(1) == target).sum()
-        correct[1] += len(target)
-        if nc:
-            stats.update(features, target)
+    # the metrics that need the finished class means (second_pass) take the data again
+    for again in ((False, True) if nc and second_pass else (False,)):
+        with tracker.track(second_pass=again):
+            for start in range(0, len(y), batch_size):
+                xb = x[start: start + batch_size].to(device, non_blocking=True)
+                yb = y[start: start + batch_size].to(device, non_blocking=True)
+                tracker.observe(yb)
+                logits = net(xb)
+                if not again:
+                    correct[0] += (logits.argmax(1) == yb).sum()
+                    correct[1] += len(yb)
     if world > 1:
         dist.all_reduce(correct)
-        if nc:
-            stats.all_reduce()
     result = {"accuracy": float(correct[0] / correct[1])}
     if nc:
-        weight = classifier.weight.detach()
-        bias = None if classifier.bias is None else classifier.bias.detach()
-        extra = None
-        if second_pass:  # the metrics that need the finished class means: the data again
-            extra = stats.second_pass(weight, bias)
-            for features, target in batches():
-                extra.update(features, target)
-            if world > 1:
-                extra.all_reduce()
-        metrics = stats.compute(weight, bias, second_pass=extra)
-        result.update({key: value for key, value in metrics.as_dict().items()
+        result.update({key: value for key, value in tracker.compute().as_dict().items()
                        if isinstance(value, float) and key not in ("num_samples",)})
     net.train(was_training)
     return result
@@ -208,8 +198,6 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, model: Optiona
         row.update(train_metrics)
         row["seconds"] = time.perf_counter() - start
         result.history.append(row)
-        if config.stop_at is not None and row["train_accuracy"] == 1.0 and row["nc1"] <= config.stop_at:
-            break
     bar.close()
     result.seconds = time.perf_counter() - start
     if config.out and rank == 0:

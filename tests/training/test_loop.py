@@ -1,15 +1,11 @@
 """The training loop: schedules, optimisers, per-epoch NC metrics, DDP (two gloo processes)."""
 
 import math
-import os
 import pickle
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ncfast
 from ncfast import training as T
@@ -70,33 +66,21 @@ def test_fixed_etf_matches_learned_accuracy_on_digits():
 # ---------------------------------------------------------------------------------------------
 # two gloo processes
 # ---------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world, out):
+    data = T.load_dataset("digits", train_size=600)
+    torch.manual_seed(0)
+    model = T.build_model("mlp", data.input_shape, 10, feature_dim=16, width=0.25)
+    fixed = T.evaluate(model, data.x_train, data.y_train, 10, batch_size=64)
+    config = T.TrainConfig(train_size=600, epochs=2, batch_size=100, width=0.25, feature_dim=16,
+                           batch_norm=False, lr=0.05, quiet=True)
+    trained = T.train(config).final
+    if rank == 0:
+        torch.save({"fixed": fixed, "trained": trained}, out)
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        data = T.load_dataset("digits", train_size=600)
-        torch.manual_seed(0)
-        model = T.build_model("mlp", data.input_shape, 10, feature_dim=16, width=0.25)
-        fixed = T.evaluate(model, data.x_train, data.y_train, 10, batch_size=64)
-        config = T.TrainConfig(train_size=600, epochs=2, batch_size=100, width=0.25, feature_dim=16,
-                               batch_norm=False, lr=0.05, quiet=True)
-        trained = T.train(config).final
-        if rank == 0:
-            torch.save({"fixed": fixed, "trained": trained}, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_gloo_processes_give_one_process_metrics(tmp_path):
+def test_two_gloo_processes_give_one_process_metrics(tmp_path, gloo):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    gloo(_worker, 2, out)
     ddp = torch.load(out)
     data = T.load_dataset("digits", train_size=600)
     torch.manual_seed(0)
