@@ -1,6 +1,8 @@
-"""asv benchmarks of the streaming NC statistics (SPEC §3, §7): ``NCStats.update`` over all
-batches + ``compute`` against its floor (a bare float32 ``X.T @ X`` loop over the same batches)
-and against the per-class loop of the seed authors' evaluation code."""
+"""asv benchmarks of the streaming NC statistics: ``NCStats.update`` over all batches +
+``compute`` against its floor (a bare float32 ``X.T @ X`` loop over the same batches) and
+against the per-class loop of the evaluation code of Zhu et al. (2021) and Zhou et al. (2022);
+and a sweep over the number of classes K up to a vocabulary's (131072 at d = 1024): time and
+peak memory of ``update`` and of ``compute`` with a classifier."""
 
 import torch
 
@@ -82,3 +84,54 @@ class NCStatsDtypes:
     def time_update_and_compute(self, dtype, backend):
         with ncfast.use_backend(backend):
             streaming_update(self.batches, 100, 256)
+
+
+class NCStatsClasses:
+    """K sweep at d = 1024: ``update`` over 4 batches of 8192 fp32 rows (labels uniform over
+    K), and ``compute`` with a classifier W, b (float32 pairwise tiles above 8192 classes) on a
+    state loaded directly (no streaming in setup). compute is O(K²·d): one round, one run."""
+
+    params = ([1024, 8192, 32768, 131072],)
+    param_names = ["K"]
+    timeout = 3600
+    rounds = 1
+    repeat = 1
+    number = 1
+    warmup_time = 0
+    dim = 1024
+
+    def setup(self, K):
+        g = torch.Generator().manual_seed(0)
+        d = self.dim
+        self.batches = [(torch.randn(8192, d, generator=g), torch.randint(0, K, (8192,), generator=g))
+                        for _ in range(4)]
+        self.weight = torch.randn(K, d, generator=g)
+        self.bias = torch.randn(K, generator=g)
+        spread = torch.randn(d, d, dtype=torch.float64, generator=g)
+        self.state = {
+            "num_classes": K, "dim": d, "counts": torch.full((K,), 8.0, dtype=torch.float64),
+            "means": torch.randn(K, d, dtype=torch.float64, generator=g),
+            "within_scatter": spread @ spread.T, "class_sq": torch.rand(K, dtype=torch.float64, generator=g) + 1,
+        }
+
+    def _update(self, K):
+        stats = ncfast.NCStats(K, self.dim)
+        for features, target in self.batches:
+            stats.update(features, target)
+
+    def _compute(self, K):
+        stats = ncfast.NCStats(K, self.dim)
+        stats.load_state_dict(self.state)
+        stats.compute(self.weight, self.bias)
+
+    def time_update(self, K):
+        self._update(K)
+
+    def peakmem_update(self, K):
+        self._update(K)
+
+    def time_compute(self, K):
+        self._compute(K)
+
+    def peakmem_compute(self, K):
+        self._compute(K)

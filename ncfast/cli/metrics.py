@@ -1,5 +1,10 @@
 """``ncfast metrics FEATURES.npy LABELS.npy [--weight W.npy] [--bias b.npy] [--json]``:
-neural-collapse metrics of saved features, streamed from memory-mapped ``.npy`` files."""
+neural-collapse metrics of saved features, streamed from memory-mapped ``.npy`` files.
+
+Every malformed input (a missing, empty or non-``.npy`` file, a ``.npz`` archive, wrong
+shapes or dtypes, d = 0, labels out of range or so large that K would not fit in memory,
+non-finite values, metrics that come out non-finite) is one line on stderr and exit code 2;
+label values are checked against K before anything sized by K is allocated."""
 
 from __future__ import annotations
 
@@ -10,10 +15,15 @@ import torch
 from torch import Tensor
 
 from ..ncstats import NCStats
+from ..ncstats_checks import CLASS_SETS
 from ..progress import progress_bar
 from .common import CLIError
 
 CLI_HELP = "Neural-collapse metrics of saved features (N, d) and labels (N,) streamed from .npy files."
+
+#: feature dtypes streamed as they are (anything else floating is read as float32)
+_STREAMED = (np.float16, np.float32, np.float64)
+_PAIRWISE = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
 
 def add_arguments(parser) -> None:
@@ -22,27 +32,80 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weight", help="classifier weight, a .npy array (K, d): enables NC2-NC4, NCC, margins")
     parser.add_argument("--bias", help="classifier bias, a .npy array (K,)")
     parser.add_argument("--num-classes", type=int, default=None, help="K (default: largest label + 1)")
+    parser.add_argument("--classes", choices=CLASS_SETS, default="all",
+                        help="all (default): every class needs samples; observed: the metrics over the classes "
+                             "that have samples only (e.g. a vocabulary's unused tokens)")
+    parser.add_argument("--pairwise-dtype", choices=sorted(_PAIRWISE), default="auto",
+                        help="precision of the O(K²·d) pairwise metrics (auto: float64 up to 8192 classes)")
     parser.add_argument("--batch-size", type=int, default=8192, help="rows read per chunk (default 8192)")
     parser.add_argument("--numerical-rank", action="store_true", help="also the numerical rank (K·d² memory)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _load(path: str, name: str, ndim: int):
+def _load(path: str, name: str, ndim: int) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise CLIError(f"{name}: no such file: {path}") from None
+    except EOFError:
+        raise CLIError(f"{name}: {path} is empty, not a .npy array") from None
     except (ValueError, OSError) as error:
         raise CLIError(f"{name}: cannot read {path} as a .npy array ({error})") from None
+    if not isinstance(array, np.ndarray):  # np.load opens a .npz archive as a mapping
+        array.close()
+        raise CLIError(f"{name}: {path} is a .npz archive; expected a .npy array (np.save, not np.savez)")
     if array.ndim != ndim:
         raise CLIError(f"{name}: expected a {ndim}-D array, got shape {array.shape} in {path}")
     return array
 
 
-def _float_tensor(chunk) -> Tensor:
-    dtype = chunk.dtype if chunk.dtype in (np.float16, np.float32, np.float64) else np.float32
+def _classifier_tensor(path: str, name: str, ndim: int, shape: tuple) -> Tensor:
+    array = _load(path, name, ndim)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise CLIError(f"{name}: expected floating-point values, got {array.dtype}")
+    if array.shape != shape:
+        raise CLIError(f"{name}: expected shape {shape}, got {array.shape}")
+    dtype = array.dtype if array.dtype in _STREAMED else np.float32
+    return torch.from_numpy(np.array(array, dtype=dtype))
+
+
+def _float_tensor(chunk: np.ndarray) -> Tensor:
+    dtype = chunk.dtype if chunk.dtype in _STREAMED else np.float32
     return torch.from_numpy(np.array(chunk, dtype=dtype))  # a writable copy of the memory-mapped rows
+
+
+def _label_range(labels: np.ndarray, chunks) -> tuple[int, int]:
+    """(smallest, largest) label as Python ints (exact for any integer dtype, uint64 included)."""
+    low = min(int(labels[a:b].min()) for a, b in chunks)
+    high = max(int(labels[a:b].max()) for a, b in chunks)
+    return low, high
+
+
+def _num_classes(requested, low: int, high: int, dim: int) -> int:
+    """K, checked against the labels and against memory before anything is sized by it."""
+    if requested is None:
+        num_classes = high + 1
+        # float64 means (K, d), counts and class sums: refuse what cannot be allocated.
+        need = num_classes * (dim + 2) * 8
+        physical = _physical_memory()
+        if need > physical:
+            raise CLIError(f"labels: the largest label, {high}, makes K = {num_classes} classes, whose statistics "
+                           f"need {need / 2**30:.3g} GiB (this machine has {physical / 2**30:.3g} GiB); "
+                           f"fix the labels or pass --num-classes")
+    else:
+        num_classes = requested
+    if low < 0 or high >= num_classes:
+        raise CLIError(f"labels: values span [{low}, {high}], outside [0, {num_classes})")
+    if num_classes < 2:
+        raise CLIError(f"labels: need at least 2 classes, got {num_classes}")
+    return num_classes
+
+
+def _physical_memory() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def run(args) -> int:
@@ -59,25 +122,17 @@ def run(args) -> int:
         raise CLIError(f"labels: {labels.shape[0]} labels for {N} feature rows")
     if N == 0:
         raise CLIError("features: the array has no rows")
+    if d == 0:
+        raise CLIError("features: the rows have no columns (d = 0)")
     chunks = [(start, min(start + args.batch_size, N)) for start in range(0, N, args.batch_size)]
-    low = min(int(labels[a:b].min()) for a, b in chunks)
-    high = max(int(labels[a:b].max()) for a, b in chunks)
-    num_classes = args.num_classes if args.num_classes is not None else high + 1
-    if low < 0 or high >= num_classes:
-        raise CLIError(f"labels: values span [{low}, {high}], outside [0, {num_classes})")
-    if num_classes < 2:
-        raise CLIError(f"labels: need at least 2 classes, got {num_classes}")
+    num_classes = _num_classes(args.num_classes, *_label_range(labels, chunks), d)
     weight = bias = None
     if args.weight is not None:
-        weight = torch.from_numpy(np.array(_load(args.weight, "weight", 2), dtype=np.float64))
-        if weight.shape != (num_classes, d):
-            raise CLIError(f"weight: expected shape ({num_classes}, {d}), got {tuple(weight.shape)}")
+        weight = _classifier_tensor(args.weight, "weight", 2, (num_classes, d))
     if args.bias is not None:
         if weight is None:
             raise CLIError("bias: needs --weight")
-        bias = torch.from_numpy(np.array(_load(args.bias, "bias", 1), dtype=np.float64))
-        if bias.shape != (num_classes,):
-            raise CLIError(f"bias: expected shape ({num_classes},), got {tuple(bias.shape)}")
+        bias = _classifier_tensor(args.bias, "bias", 1, (num_classes,))
 
     def stream(label: str, sink) -> None:
         bar = progress_bar(len(chunks), label, enabled=not args.quiet)
@@ -96,11 +151,13 @@ def run(args) -> int:
     second_needed = weight is not None or args.numerical_rank
     stream("pass 1/2" if second_needed else "pass 1/1", stats)
     try:
-        second = stats.second_pass(weight, bias, numerical_rank=args.numerical_rank) if second_needed else None
-        if second is not None:
+        second = None
+        if second_needed:
+            second = stats.second_pass(weight, bias, numerical_rank=args.numerical_rank, classes=args.classes)
             stream("pass 2/2", second)
-        metrics = stats.compute(weight, bias, second_pass=second)
-    except ValueError as error:
+        metrics = stats.compute(weight, bias, second_pass=second, classes=args.classes,
+                                pairwise_dtype=_PAIRWISE[args.pairwise_dtype])
+    except (ValueError, TypeError) as error:
         raise CLIError(str(error)) from None
     if args.json:
         print(json.dumps(metrics.as_dict()))

@@ -1,8 +1,9 @@
-"""Plain float64 two-pass references of the neural-collapse metrics, computed from
-all features at once, and the pure-torch batch kernel of the ``"torch"`` backend.
+"""Plain float64 references of the neural-collapse metrics: two-pass from all features at
+once (:func:`nc_metrics_two_pass`), and the dense K×K formulas applied to a streamed state
+(:func:`nc_metrics_dense`).
 
 Everything here is written for clarity, not speed: the tests compare :mod:`ncfast.ncstats`
-against :func:`nc_metrics_two_pass`. Features are rows: ``features`` (N, d), ``target`` (N,),
+against them. Features are rows: ``features`` (N, d), ``target`` (N,),
 ``weight`` (K, d), ``bias`` (K,).
 """
 
@@ -13,26 +14,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-
-
-def batch_moments(features: Tensor, target: Tensor, num_classes: int):
-    """The batch work of :meth:`ncfast.NCStats.update`, in plain torch (the ``"torch"`` backend).
-
-    Returns ``(counts, means, centred, class_sq)``: per-class counts (K,) and means (K, d) in
-    float64, the features centred on their batch class means ``h_i − ν_{y_i}`` (N, d) in the
-    Gram's precision (float64 for float64 features, float32 otherwise), and per-class sums of
-    ``‖h_i − ν_{y_i}‖²`` (K,) in float64.
-    """
-    x = features.to(torch.float64)
-    counts = torch.bincount(target, minlength=num_classes).to(torch.float64)
-    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device)
-    sums.index_add_(0, target, x)
-    means = sums / counts.clamp(min=1)[:, None]
-    centred64 = x - means[target]
-    class_sq = torch.zeros(num_classes, dtype=torch.float64, device=x.device)
-    class_sq.index_add_(0, target, (centred64 * centred64).sum(1))
-    gram_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    return counts, means, centred64.to(gram_dtype), class_sq
 
 
 def etf(num_classes: int, dtype=torch.float64, device=None) -> Tensor:
@@ -125,7 +106,7 @@ def nc_metrics_two_pass(
     classifier = (h @ w.T + b).argmax(1)
     ncc = torch.cdist(h, means).argmin(1)
     out["ncc_mismatch"] = float((classifier != ncc).to(torch.float64).mean())
-    # Seed 000 §4: cos θ_j between h − μ_G and w_j − w̄, margin cos θ_y − max_{j≠y} cos θ_j.
+    # Zhou et al. 2022 §4: cos θ_j between h − μ_G and w_j − w̄, margin cos θ_y − max_{j≠y} cos θ_j.
     wt = w - w.mean(0)
     hc = h - mu_g
     cos = (hc @ wt.T) / (hc.norm(dim=1, keepdim=True) * wt.norm(dim=1)[None, :])
@@ -137,4 +118,48 @@ def nc_metrics_two_pass(
     # The q-quantile as the inverse CDF: the smallest margin with at least q·N margins ≤ it.
     ordered = margins.sort().values
     out["cosine_margin_quantiles"] = {q: float(ordered[max(math.ceil(q * N) - 1, 0)]) for q in quantiles}
+    return out
+
+
+def nc_metrics_dense(
+    counts: Tensor, means: Tensor, within_scatter: Tensor, class_sq: Tensor,
+    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
+    nc1_per_class: bool = True, global_mean: str = "samples", center_classifier: bool = False,
+) -> dict:
+    """The first-pass metrics of a streamed state (counts (K,), means (K, d), M_W (d, d),
+    Σ_{i∈k}‖h_i − μ_k‖² (K,)) by the dense float64 formulas: every K×K matrix (cosines, Gram,
+    distances, the ETF, WWᵀ, WM̄) formed whole. O(K²) memory: the oracle that
+    :meth:`ncfast.NCStats.compute`'s tiled, O(K·d + d²) path is tested against."""
+    K = counts.shape[0]
+    n = counts.to(torch.float64)
+    means = means.to(torch.float64)
+    mu_g = (n[:, None] * means).sum(0) / n.sum() if global_mean == "samples" else means.mean(0)
+    centred = means - mu_g
+    mbar = centred.T
+    sigma_b_pinv = torch.linalg.pinv(mbar @ mbar.T / K, hermitian=True)
+    trace = ((within_scatter / n.sum()) * sigma_b_pinv.T).sum()
+    out = {"nc1": float(trace / K if nc1_per_class else trace)}
+    out["equinorm_means"] = _std_mean_ratio(centred.norm(dim=1))
+    cos = _off_diagonal_cosines(centred)
+    out["equiangularity_means"] = float(cos.std())
+    out["max_angle_means"] = float((cos + 1.0 / (K - 1)).abs().mean())
+    class_var = class_sq / n
+    gram = centred @ centred.T
+    distance_sq = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
+    off = ~torch.eye(K, dtype=torch.bool, device=means.device)
+    out["cdnv"] = float(((class_var[:, None] + class_var[None, :]) / (2 * distance_sq))[off].mean())
+    if weight is None:
+        return out
+    w = weight.to(torch.float64)
+    b = torch.zeros(K, dtype=torch.float64) if bias is None else bias.to(torch.float64)
+    wc = w - w.mean(0) if center_classifier else w
+    wwt = wc @ wc.T
+    out["nc2"] = float((wwt / wwt.norm() - etf(K)).norm())
+    wm = wc @ mbar
+    out["nc3"] = float((wm / wm.norm() - etf(K)).norm())
+    out["nc4"] = float((b + w @ mu_g).norm())
+    out["equinorm_classifier"] = _std_mean_ratio(wc.norm(dim=1))
+    cos_w = _off_diagonal_cosines(wc)
+    out["equiangularity_classifier"] = float(cos_w.std())
+    out["max_angle_classifier"] = float((cos_w + 1.0 / (K - 1)).abs().mean())
     return out
