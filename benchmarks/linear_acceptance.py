@@ -71,9 +71,16 @@ def _peer(name, features, weight, bias, target):
         h, w, b = (t.detach().requires_grad_(True) for t in (features, weight, bias))
         if name.startswith("ncfast"):
             import ncfast
+            from ncfast import linear
 
-            chunk = {} if name == "ncfast" else {"chunk_memory": int(name.split("@")[1]) * w.shape[0] * 4}
-            value = ncfast.linear_cross_entropy(h, w, b, target, **chunk)
+            # ncfast@R: exactly R rows per chunk (R bytes-worth of chunk_memory is only a ceiling).
+            rows = int(name.split("@")[1]) if "@" in name else None
+            preferred, linear.GEMM_ROWS = linear.GEMM_ROWS, rows or linear.GEMM_ROWS
+            try:
+                value = ncfast.linear_cross_entropy(h, w, b, target, **({"chunk_memory": rows * w.shape[0] * 4}
+                                                                        if rows else {}))
+            finally:
+                linear.GEMM_ROWS = preferred
         elif name == "torch_chunked":
             value = F.linear_cross_entropy(h, w, target, linear_bias=b, options=torch.nn.LinearCrossEntropyOptions())
         else:
