@@ -45,9 +45,11 @@ CHUNK_MEMORY_BYTES = 256 * 2**20
 #: Fewest rows per chunk at which the three GEMMs run as fast as unchunked ones. Every chunk
 #: streams all of W (K, d) twice and the dW accumulator (K, d) in and out, and the dW GEMM's
 #: inner dimension is the chunk's rows; with fewer rows the BLAS kernels fall off. Measured
-#: (2 cores, MKL, d = 256, K = 32000, the chunked GEMMs alone against 2048-row chunks):
-#: 64 rows 2.1×, 128 rows 1.47×, 256 rows 1.26×, 384 rows 1.12×, 512 rows 1.05×, 1024 rows
-#: 1.05×.
+#: (2 cores shared with other jobs, MKL, d = 256, K = 32000, the chunked GEMMs alone against
+#: 2048-row chunks, medians of 5 interleaved rounds): 64 rows 2.1×, 128 rows 1.47×, 256 rows
+#: 1.26×, 384 rows 1.12×, 512 rows 1.05×, 1024 rows 1.05×. The price is memory: at K = 32000
+#: fp32 a 512-row chunk is 62.5 MiB, where torch's chunked ``F.linear_cross_entropy`` takes
+#: 64-row chunks (8 MiB) and runs 2.8× the GEMMs' time.
 GEMM_ROWS = 512
 
 
