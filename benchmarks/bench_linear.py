@@ -1,10 +1,12 @@
-"""asv benchmarks of the fused linear + loss (SPEC §2, §7): forward + backward of
+"""asv benchmarks of the fused linear + loss: forward + backward of
 ``ncfast.linear_cross_entropy`` against its floor (the three GEMMs alone: logits H Wᵀ,
-dH = G W, dW = Gᵀ H) and against torch eager (full logits, ``F.cross_entropy``).
+dH = G W, dW = Gᵀ H), torch eager (full logits, ``F.cross_entropy``) and torch's own chunked
+``F.linear_cross_entropy`` (``options=torch.nn.LinearCrossEntropyOptions()``).
 
 CUDA cases run when a GPU is present and are skipped otherwise (``NotImplementedError`` in
 ``setup`` is asv's skip). Run: ``cd benchmarks && asv run --python=same --bench bench_linear``;
-the acceptance figures at N=65536, d=256, K=16384 come from ``linear_acceptance.py``."""
+the acceptance table (time and peak memory in fresh processes) comes from
+``python benchmarks/linear_acceptance.py``."""
 
 import torch
 
@@ -25,7 +27,7 @@ def _sync(device):
 class LinearCrossEntropy:
     """fp32, N = 4096 rows of d = 256 features; K classes."""
 
-    params = (["ncfast", "gemms", "torch"], [4096, 32768], ["cpu", "cuda"])
+    params = (["ncfast", "gemms", "torch", "torch_chunked"], [4096, 32768], ["cpu", "cuda"])
     param_names = ["implementation", "num_classes", "device"]
     timeout = 300
 
@@ -45,6 +47,10 @@ class LinearCrossEntropy:
     def _torch(self):
         logits = torch.nn.functional.linear(self.features, self.weight, self.bias)
         torch.nn.functional.cross_entropy(logits, self.target).backward()
+
+    def _torch_chunked(self):
+        torch.nn.functional.linear_cross_entropy(self.features, self.weight, self.target, linear_bias=self.bias,
+                                                 options=torch.nn.LinearCrossEntropyOptions()).backward()
 
     def _gemms(self):
         h, w = self.features.detach(), self.weight.detach()

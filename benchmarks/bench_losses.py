@@ -1,75 +1,132 @@
-"""Fused loss forward + backward: ncfast against torch eager and torch.compile (CPU).
+"""Fused loss forward + backward: ncfast against torch eager, torch.compile and a copy of the
+logits (CPU), over the shapes classifiers train with.
 
-Run: ``cd benchmarks && asv run --python=same --bench bench_losses``. The memory floor is
-one copy of the logits (``CopyFloor``)."""
+The memory floor of a fused loss is one read and one write of the logits: ``track_over_copy``
+reports a case's time as a multiple of a copy of the logits into a preallocated buffer (a
+clone without the page faults of a fresh allocation, which a warm caching allocator does not
+pay either), both timed in interleaved rounds of the same process. Run: ``cd benchmarks && asv run --python=same --bench bench_losses``; the
+whole table as one markdown table: ``python benchmarks/loss_table.py``.
+
+The torch formulas here are also what ``loss_table.py`` compiles and runs eagerly."""
+
+import time
 
 import torch
 import torch.nn.functional as F
 
 import ncfast
 
-SHAPES = ["4096x32000", "1024x8192", "256x131072"]
+#: Logit shapes (N, K) and (N, K, d1, ...): tiny-K vision heads, mid-K, LLM vocabularies,
+#: NCHW segmentation (Cityscapes-like 19 classes, ADE20K-like 150 classes).
+SHAPES = [
+    "3200000x10", "1000000x2", "320000x100", "32000x1000", "4096x32000", "256x262144",
+    "8x19x256x256", "4x150x128x128",
+]
+#: The per-call case: one small training step, timed with one thread (``LossPerCall``).
+PER_CALL_SHAPE = "128x10"
 DTYPES = ["float32", "bfloat16"]
+LOSSES = ["cross_entropy", "focal", "rescaled_mse"]
+FOCAL_GAMMA = 3.0
+MSE_KAPPA, MSE_BETA = 1.0, 15.0
 
 
-def _eager_focal(logits, target, gamma=3.0):
-    log_p = torch.log_softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
+def parse_shape(shape):
+    """``"8x19x256x256"`` → ``(8, 19, 256, 256)``; the class dimension is the second."""
+    return tuple(int(size) for size in shape.split("x"))
+
+
+def make_inputs(shape, dtype, seed=0):
+    """Seeded logits (standard normal, in ``dtype``) and class indices for ``shape``."""
+    shape = parse_shape(shape)
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=generator).to(getattr(torch, dtype))
+    target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=generator)
+    return logits, target
+
+
+def eager_focal(logits, target, gamma=FOCAL_GAMMA):
+    """Focal loss −(1 − p_y)^γ log p_y, mean over samples, written in torch ops."""
+    log_p = torch.log_softmax(logits, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
     return (-(1 - log_p.exp()) ** gamma * log_p).mean()
 
 
-def _eager_rescaled_mse(logits, target, kappa=1.0, beta=15.0):
-    one_hot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+def eager_rescaled_mse(logits, target, kappa=MSE_KAPPA, beta=MSE_BETA):
+    """Rescaled MSE κ(z_y − β)² + Σ_{j≠y} z_j², mean over samples, written in torch ops."""
+    one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
     scaled = 1 + (kappa - 1) * one_hot
     return (scaled * (logits - beta * one_hot) ** 2).sum(dim=1).mean()
 
 
-def _ncfast(fn, **kwargs):
-    return lambda logits, target: fn(logits, target, **kwargs)
+#: The torch formula of each loss (what eager runs and torch.compile compiles).
+TORCH_FORMULAS = {"cross_entropy": F.cross_entropy, "focal": eager_focal, "rescaled_mse": eager_rescaled_mse}
 
 
-IMPLEMENTATIONS = {
-    "cross_entropy": {
-        "ncfast": _ncfast(ncfast.cross_entropy),
-        "ncfast_inplace": _ncfast(ncfast.cross_entropy, inplace_backward=True),
-        "torch_eager": F.cross_entropy,
-        "torch_compile": F.cross_entropy,
-    },
-    "focal": {
-        "ncfast": _ncfast(ncfast.focal_loss, gamma=3.0),
-        "ncfast_inplace": _ncfast(ncfast.focal_loss, gamma=3.0, inplace_backward=True),
-        "torch_eager": _eager_focal,
-        "torch_compile": _eager_focal,
-    },
-    "rescaled_mse": {
-        "ncfast": _ncfast(ncfast.rescaled_mse, kappa=1.0, beta=15.0),
-        "ncfast_inplace": _ncfast(ncfast.rescaled_mse, kappa=1.0, beta=15.0, inplace_backward=True),
-        "torch_eager": _eager_rescaled_mse,
-        "torch_compile": _eager_rescaled_mse,
-    },
-}
+def ncfast_loss(loss, inplace_backward=False):
+    """The ncfast function of ``loss`` with the benchmark's options (γ=3; κ=1, β=15)."""
+    options = {"cross_entropy": {}, "focal": {"gamma": FOCAL_GAMMA},
+               "rescaled_mse": {"kappa": MSE_KAPPA, "beta": MSE_BETA}}[loss]
+    function = {"cross_entropy": ncfast.cross_entropy, "focal": ncfast.focal_loss,
+                "rescaled_mse": ncfast.rescaled_mse}[loss]
+    return lambda logits, target: function(logits, target, inplace_backward=inplace_backward, **options)
+
+
+IMPLEMENTATIONS = ["ncfast", "ncfast_inplace", "torch_eager", "torch_compile"]
+
+
+def loss_step(loss, implementation, logits, target):
+    """A closure running one forward + backward of ``implementation`` on a fresh leaf.
+
+    ``torch_compile`` is compiled for this shape alone (``dynamic=False``); the caller runs
+    the closure once to compile. In-place needs a fresh leaf each call; its copy is part of
+    what it costs the user."""
+    if implementation.startswith("ncfast"):
+        function = ncfast_loss(loss, inplace_backward=implementation == "ncfast_inplace")
+    elif implementation == "torch_compile":
+        function = torch.compile(TORCH_FORMULAS[loss], dynamic=False)
+    else:
+        function = TORCH_FORMULAS[loss]
+    inplace = implementation == "ncfast_inplace"
+
+    def step():
+        leaf = (logits.clone() if inplace else logits.detach()).requires_grad_(True)
+        function(leaf, target).backward()
+
+    return step
+
+
+def logits_copy(logits):
+    """A closure copying ``logits`` into a buffer allocated once: the memory floor."""
+    out = torch.empty_like(logits)
+    return lambda: out.copy_(logits)
+
+
+def interleaved_ratio(numerator, denominator, rounds=7, calls=1):
+    """Median over ``rounds`` of time(numerator) / time(denominator), the two timed back to
+    back in each round (``calls`` calls each), so a slow spell of the machine weighs on both."""
+    ratios = []
+    for _ in range(rounds):
+        seconds = []
+        for function in (denominator, numerator):
+            start = time.perf_counter()
+            for _ in range(calls):
+                function()
+            seconds.append(time.perf_counter() - start)
+        ratios.append(seconds[1] / seconds[0])
+    return sorted(ratios)[len(ratios) // 2]
 
 
 class LossForwardBackward:
-    params = (list(IMPLEMENTATIONS), list(IMPLEMENTATIONS["focal"]), SHAPES, DTYPES)
+    """Forward + backward of each loss and implementation at the shapes of :data:`SHAPES`."""
+
+    params = (LOSSES, IMPLEMENTATIONS, SHAPES, DTYPES)
     param_names = ["loss", "implementation", "shape", "dtype"]
-    timeout = 300
+    timeout = 600
 
     def setup(self, loss, implementation, shape, dtype):
-        n, k = map(int, shape.split("x"))
-        generator = torch.Generator().manual_seed(0)
-        self.logits = torch.randn(n, k, generator=generator).to(getattr(torch, dtype))
-        self.target = torch.randint(0, k, (n,), generator=generator)
-        fn = IMPLEMENTATIONS[loss][implementation]
-        if implementation == "torch_compile":
-            fn = torch.compile(fn)
-        self.fn = fn
-        self.inplace = implementation == "ncfast_inplace"
+        torch._dynamo.reset()  # a fresh compile cache: no recompile limit across shapes
+        self.logits, self.target = make_inputs(shape, dtype)
+        self.step = loss_step(loss, implementation, self.logits, self.target)
         self.step()  # warm-up (compilation)
-
-    def step(self):
-        # In-place needs a fresh leaf each call; its copy is part of what it costs the user.
-        logits = (self.logits.clone() if self.inplace else self.logits).requires_grad_(True)
-        self.fn(logits, self.target).backward()
 
     def time_forward_backward(self, *params):
         self.step()
@@ -77,25 +134,50 @@ class LossForwardBackward:
     def peakmem_forward_backward(self, *params):
         self.step()
 
+    def track_over_copy(self, *params):
+        return interleaved_ratio(self.step, logits_copy(self.logits))
 
-class CopyFloor:
-    """One read and one write of the logits: the memory floor of a fused loss."""
+    track_over_copy.unit = "× copy"
+
+
+class LossPerCall:
+    """One small training step (128 × 10 logits, float32, one thread): the per-call cost of
+    the Python path and the kernel launch, against ``F.cross_entropy`` and friends."""
+
+    params = (LOSSES, ["ncfast", "torch_eager"])
+    param_names = ["loss", "implementation"]
+
+    def setup(self, loss, implementation):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self.logits, self.target = make_inputs(PER_CALL_SHAPE, "float32")
+        self.step = loss_step(loss, implementation, self.logits, self.target)
+        self.step()
+
+    def teardown(self, *params):
+        torch.set_num_threads(self.threads)
+
+    def time_forward_backward(self, *params):
+        self.step()
+
+
+class CopiedLogits:
+    """The memory floor: a copy of the logits into a preallocated buffer (one read, one write)."""
 
     params = (SHAPES, DTYPES)
     param_names = ["shape", "dtype"]
 
     def setup(self, shape, dtype):
-        n, k = map(int, shape.split("x"))
-        self.logits = torch.randn(n, k).to(getattr(torch, dtype))
-        self.out = torch.empty_like(self.logits)
+        logits, _ = make_inputs(shape, dtype)
+        self.copy = logits_copy(logits)
 
     def time_copy(self, shape, dtype):
-        self.out.copy_(self.logits)
+        self.copy()
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA): the Triton kernel against torch eager / torch.compile, and the
-# kernel's effective bandwidth against the HBM floor (SPEC §7: one read + one write per logit).
+# kernel's effective bandwidth against the HBM floor (one read + one write per logit).
 # ---------------------------------------------------------------------------------------------
 GPU_SHAPES = ["16384x4096", "4096x32000", "1024x131072", "256x262144"]
 
@@ -106,25 +188,17 @@ def _cuda_or_skip():
 
 
 class GPULossForwardBackward:
-    params = (list(IMPLEMENTATIONS), list(IMPLEMENTATIONS["focal"]), GPU_SHAPES, DTYPES)
+    params = (LOSSES, IMPLEMENTATIONS, GPU_SHAPES, DTYPES)
     param_names = ["loss", "implementation", "shape", "dtype"]
     timeout = 600
 
     def setup(self, loss, implementation, shape, dtype):
         _cuda_or_skip()
-        n, k = map(int, shape.split("x"))
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        self.logits = torch.randn(n, k, generator=generator, device="cuda").to(getattr(torch, dtype))
-        self.target = torch.randint(0, k, (n,), generator=generator, device="cuda")
-        fn = IMPLEMENTATIONS[loss][implementation]
-        self.fn = torch.compile(fn) if implementation == "torch_compile" else fn
-        self.inplace = implementation == "ncfast_inplace"
+        torch._dynamo.reset()
+        logits, target = make_inputs(shape, dtype)
+        self.step = loss_step(loss, implementation, logits.cuda(), target.cuda())
         self.step()  # warm-up: compilation, autotuning
         torch.cuda.synchronize()
-
-    def step(self):
-        logits = (self.logits.clone() if self.inplace else self.logits).requires_grad_(True)
-        self.fn(logits, self.target).backward()
 
     def time_forward_backward(self, *params):
         self.step()
@@ -139,21 +213,20 @@ class GPUKernelBandwidth:
     traffic, one read and one write of the logits (H100 SXM HBM3 ≈ 3.35 TB/s). Rows longer than
     ``MAX_BLOCK`` are read twice, so their ceiling is 2/3 of the HBM rate."""
 
-    params = (["cross_entropy", "focal", "rescaled_mse"], GPU_SHAPES, DTYPES)
+    params = (LOSSES, GPU_SHAPES, DTYPES)
     param_names = ["loss", "shape", "dtype"]
     timeout = 600
 
     def setup(self, loss, shape, dtype):
         _cuda_or_skip()
-        from ncfast.losses import LOSSES
+        from ncfast.losses import LOSSES as KERNEL_LOSSES
         from ncfast.triton_kernels import losses as kernels
 
-        n, k = map(int, shape.split("x"))
-        self.logits = torch.randn(n, k, device="cuda").to(getattr(torch, dtype))
-        self.target = torch.randint(0, k, (n,), device="cuda")
-        params = {"label_smoothing": 0.0, "gamma": 3.0, "kappa": 1.0, "beta": 15.0}
+        logits, target = make_inputs(shape, dtype)
+        self.logits, self.target = logits.cuda(), target.cuda()
+        params = {"label_smoothing": 0.0, "gamma": FOCAL_GAMMA, "kappa": MSE_KAPPA, "beta": MSE_BETA}
         self.call = lambda: kernels.loss_forward(self.logits, self.target, None, None, self.logits,
-                                                 LOSSES.index(loss), params, -100, True)
+                                                 KERNEL_LOSSES.index(loss), params, -100, True)
         self.bytes = 2 * self.logits.numel() * self.logits.element_size()
         self.call()  # autotuning
         torch.cuda.synchronize()

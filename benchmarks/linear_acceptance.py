@@ -1,26 +1,37 @@
-"""Acceptance figures of the fused linear + loss on CPU (issue 4): peak memory growth and
-time of ``linear_cross_entropy`` forward + backward against the three GEMMs it needs.
+"""Acceptance table of the fused linear + loss on CPU: forward + backward time and peak extra
+memory of ``ncfast.linear_cross_entropy`` against the three bare GEMMs it needs and torch's
+own ``F.linear_cross_entropy`` (chunked: ``options=torch.nn.LinearCrossEntropyOptions()``).
+Prints one markdown table.
 
-Run as a script (not an asv benchmark: one shape, minutes of runtime)::
+    python benchmarks/linear_acceptance.py                      # N=8192 d=256 K=32000, N=65536 d=256 K=16384
+    python benchmarks/linear_acceptance.py --shapes 8192x256x32000 --chunk-rows 128 256 512 1024 2048
 
-    python benchmarks/linear_acceptance.py [--rows 65536 --dim 256 --classes 16384 --repeat 3]
+Peers, all fp32 with a bias: ``ncfast`` (its default chunking, or ``ncfast@R`` at R rows per
+chunk with ``--chunk-rows``), ``torch_chunked``, ``torch_eager`` (full logits, with
+``--torch-eager``: several N×K buffers), and ``gemms``, the floor: logits H Wᵀ, dH = G W and
+dW = Gᵀ H into preallocated outputs, in blocks of at most 8192 rows (no loss, no bias, no
+allocation; the floor needs no N×K buffer, and at ≥ 8192 rows the blocking costs nothing).
 
-Memory: each measurement runs in a fresh subprocess; growth = VmHWM after the call − VmRSS
-before it (code warmed up at a tiny shape, inputs allocated). Time: min (and median) over ``--repeat`` runs, the
-fused call and the GEMMs alternated in the same process so that load from other processes
-hits both alike.
+Time: every round runs each peer once, back to back; a time is the median over rounds, a ratio
+the median over rounds of the ratio to the GEMMs within a round (a slow spell of a shared
+machine weighs on both sides). Memory: each peer in a fresh process, growth = VmHWM after one
+forward + backward − VmRSS before it (code warmed up at a tiny shape, inputs allocated).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import subprocess
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
+
+#: The floor's GEMMs run in blocks of at most this many rows (see the module docstring).
+GEMM_BLOCK_ROWS = 8192
 
 
 def _status(field: str) -> int:
@@ -40,122 +51,110 @@ def _inputs(rows, dim, classes):
     return features, weight, bias, target
 
 
-def _fused(features, weight, bias, target):
-    import ncfast
+def _peer(name, features, weight, bias, target):
+    """A closure running one forward + backward of peer ``name`` on fresh leaves."""
+    if name == "gemms":
+        block = min(GEMM_BLOCK_ROWS, features.shape[0])
+        logits = torch.empty(block, weight.shape[0])
+        d_features, d_weight = torch.empty_like(features), torch.zeros_like(weight)
 
-    leaves = [t.requires_grad_(True) for t in (features, weight, bias)]
-    value = ncfast.linear_cross_entropy(*leaves, target)
-    value.backward()
-    return value
+        def gemms():
+            for start in range(0, features.shape[0], block):
+                h = features[start:start + block]
+                z = logits[: h.shape[0]]
+                torch.mm(h, weight.t(), out=z)
+                torch.mm(z, weight, out=d_features[start:start + block])
+                d_weight.addmm_(z.t(), h)
+        return gemms
 
+    def step():
+        h, w, b = (t.detach().requires_grad_(True) for t in (features, weight, bias))
+        if name.startswith("ncfast"):
+            import ncfast
+            from ncfast import linear
 
-def _gemms(features, weight, chunk):
-    """The three GEMMs of the fused call, at the same chunking (no loss kernel, no bias)."""
-    features, weight = features.detach(), weight.detach()
-    buffer = torch.empty(chunk, weight.shape[0])
-    d_features = torch.empty_like(features)
-    d_weight = torch.zeros_like(weight)
-    for start in range(0, features.shape[0], chunk):
-        h = features[start:start + chunk]
-        z = buffer[: h.shape[0]]
-        torch.mm(h, weight.t(), out=z)
-        torch.mm(z, weight, out=d_features[start:start + chunk])
-        d_weight.addmm_(z.t(), h)
-
-
-def _gemms_full(features, weight):
-    """The same three GEMMs at full shape (N, K) logits."""
-    features, weight = features.detach(), weight.detach()
-    logits = features @ weight.t()
-    logits @ weight
-    logits.t() @ features
-
-
-def _warm_up(kind, dim, classes):
-    """Loads the code (MKL kernels, the extension, torch.library dispatch) at a tiny shape so
-    that its pages do not count as the call's memory."""
-    _run(kind, *_inputs(64, dim, classes), 64)
-
-
-def _torch_eager(features, weight, bias, target):
-    """The unfused computation: full logits, ``F.cross_entropy``, autograd."""
-    leaves = [t.requires_grad_(True) for t in (features, weight, bias)]
-    logits = torch.nn.functional.linear(*leaves)
-    torch.nn.functional.cross_entropy(logits, target).backward()
+            # ncfast@R: exactly R rows per chunk (R bytes-worth of chunk_memory is only a ceiling).
+            rows = int(name.split("@")[1]) if "@" in name else None
+            preferred, linear.GEMM_ROWS = linear.GEMM_ROWS, rows or linear.GEMM_ROWS
+            try:
+                value = ncfast.linear_cross_entropy(h, w, b, target, **({"chunk_memory": rows * w.shape[0] * 4}
+                                                                        if rows else {}))
+            finally:
+                linear.GEMM_ROWS = preferred
+        elif name == "torch_chunked":
+            value = F.linear_cross_entropy(h, w, target, linear_bias=b, options=torch.nn.LinearCrossEntropyOptions())
+        else:
+            value = F.cross_entropy(F.linear(h, w, b), target)
+        value.backward()
+    return step
 
 
-def _run(kind, features, weight, bias, target, chunk):
-    if kind == "fused":
-        _fused(features, weight, bias, target)
-    elif kind == "torch_eager":
-        _torch_eager(features, weight, bias, target)
-    elif kind == "gemms_chunked":
-        _gemms(features, weight, chunk)
-    else:
-        _gemms_full(features, weight)
-
-
-def _child(kind, rows, dim, classes):
-    _warm_up(kind, dim, classes)
-    features, weight, bias, target = _inputs(rows, dim, classes)
+def child(name, rows, dim, classes):
+    """In a fresh process: peak RSS growth (bytes) of one forward + backward of ``name``."""
+    _peer(name, *_inputs(64, dim, classes))()  # loads the code
+    inputs = _inputs(rows, dim, classes)
+    run = _peer(name, *inputs)
     before = _status("VmRSS")
-    start = time.perf_counter()
-    _run(kind, features, weight, bias, target, rows)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"growth": _status("VmHWM") - before, "seconds": seconds}))
+    run()
+    print(json.dumps(_status("VmHWM") - before))
+
+
+def _median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def measure(shape, peers, rounds):
+    """{peer: (median seconds, median ratio to the GEMMs, peak extra bytes)}."""
+    rows, dim, classes = shape
+    memory = {}
+    for name in peers:
+        command = [sys.executable, os.path.abspath(__file__), "--child", name, f"{rows}x{dim}x{classes}"]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        memory[name] = json.loads(out.splitlines()[-1])
+    inputs = _inputs(rows, dim, classes)
+    runs = {name: _peer(name, *inputs) for name in peers}
+    for run in runs.values():
+        run()  # warm-up
+    times = {name: [] for name in peers}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: (_median(t), _median([x / y for x, y in zip(t, times["gemms"])]), memory[name])
+            for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=65536)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--classes", type=int, default=16384)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--torch", action="store_true",
-                        help="also torch eager (full logits: needs several times N·K·4 bytes)")
-    parser.add_argument("--child", choices=["fused", "gemms_full", "torch_eager"])
+    parser.add_argument("--shapes", nargs="+", default=["8192x256x32000", "65536x256x16384"], help="N x d x K")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--chunk-rows", nargs="+", type=int, default=[],
+                        help="also ncfast at these rows per chunk (the time/memory trade-off)")
+    parser.add_argument("--torch-eager", action="store_true", help="also torch eager (full logits)")
+    parser.add_argument("--child", nargs=2, metavar=("PEER", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.rows, args.dim, args.classes)
+        child(args.child[0], *map(int, args.child[1].split("x")))
         return
 
     from ncfast import linear
 
-    shape = ["--rows", str(args.rows), "--dim", str(args.dim), "--classes", str(args.classes)]
-    peers = ("fused", "gemms_full") + (("torch_eager",) if args.torch else ())
-    memory = {}
-    for kind in peers:
-        out = subprocess.run([sys.executable, __file__, "--child", kind, *shape], check=True,
-                             capture_output=True, text=True).stdout
-        memory[kind] = json.loads(out.splitlines()[-1])
-    logits_bytes = args.rows * args.classes * 4
-    print(f"N={args.rows} d={args.dim} K={args.classes} fp32, threads={torch.get_num_threads()}, "
-          f"full logits would be {logits_bytes / 2**30:.2f} GiB")
-    for kind, m in memory.items():
-        print(f"  peak RSS growth {kind:10s}: {m['growth'] / 2**20:8.1f} MiB  (first call {m['seconds']:.2f} s)")
-
-    features, weight, bias, target = _inputs(args.rows, args.dim, args.classes)
-    chunk = linear.chunk_rows(args.rows, args.classes, torch.float32)
-    for kind in peers:
-        _warm_up(kind, args.dim, args.classes)
-    times = {kind: [] for kind in ("fused", "gemms_chunked") + peers[1:]}
-    for _ in range(args.repeat):
-        for kind in times:
-            leaves = (features.detach().clone(), weight.detach().clone(), bias.clone())
-            start = time.perf_counter()
-            _run(kind, *leaves, target, chunk)
-            times[kind].append(time.perf_counter() - start)
-    best = {kind: min(t) for kind, t in times.items()}
-    flops = 6 * args.rows * args.classes * args.dim
-    print(f"  chunk rows = {chunk} ({chunk * args.classes * 4 / 2**20:.0f} MiB of logits)")
-    for kind, t in times.items():
-        print(f"  {kind:14s}: min {best[kind]:7.2f} s  ({flops / best[kind] / 1e9:6.1f} GFLOP/s of 6NKd)  "
-              f"runs {[round(x, 2) for x in t]}")
-    median = {kind: statistics.median(t) for kind, t in times.items()}
-    for kind in times:
-        if kind != "fused":
-            print(f"  fused / {kind:14s} = {best['fused'] / best[kind]:.3f} (min)  "
-                  f"{median['fused'] / median[kind]:.3f} (median)")
+    print(f"fp32 with bias, forward + backward, {torch.get_num_threads()} threads, {args.rounds} rounds; "
+          f"times are medians, ratios medians of per-round ratios\n")
+    print("| N × d × K | peer | rows per chunk | time | time / GEMMs | peak extra memory |")
+    print("|---|---|---|---|---|---|")
+    for text in args.shapes:
+        shape = tuple(map(int, text.split("x")))
+        rows, _, classes = shape
+        peers = (["gemms", "ncfast", "torch_chunked"] + [f"ncfast@{r}" for r in args.chunk_rows]
+                 + (["torch_eager"] if args.torch_eager else []))
+        default_chunk = linear.chunk_rows(rows, classes, torch.float32)
+        for name, (seconds, ratio, growth) in measure(shape, peers, args.rounds).items():
+            chunk = {"ncfast": default_chunk, "gemms": min(GEMM_BLOCK_ROWS, rows)}.get(
+                name, int(name.split("@")[1]) if "@" in name else "")
+            print(f"| {' × '.join(map(str, shape))} | {name.split('@')[0]} | {chunk} | {seconds:.3f} s | "
+                  f"{ratio:.3f} | {growth / 2**20:.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,125 +1,161 @@
-"""Acceptance figures of the fused losses on CPU (issue 2): forward + backward time against
-torch eager, torch.compile and one copy of the logits, and peak extra memory (each case in a
-fresh process, VmHWM − VmRSS).
+"""Acceptance table of the fused losses on CPU: forward + backward time of ncfast against torch
+eager, torch.compile of the same torch formula and a copy of the logits (into a preallocated
+buffer: the memory floor), at every shape of
+``bench_losses.SHAPES`` plus the per-call case (128, 10) with one thread; fp32 and bf16.
+Prints one markdown table.
 
-Each round times every case once, for each loss an untimed copy of the logits, a timed
-one, ncfast, then its peers (the untimed copy first: the first run after torch eager has freed
-its large buffers was seen up to 1.5× slower, whatever it runs); a ratio is the
+Timing: each round times, for each loss, an untimed copy (the first run after torch eager
+has freed its large buffers was seen up to 1.5× slower, whatever it runs), a timed copy,
+ncfast, eager and compile, back to back. A time is the median over rounds; a ratio is the
 median over rounds of the ratio within a round, so that a slow spell of a shared machine
-(seconds long) weighs on both sides of a ratio alike.
+(seconds long) weighs on both sides alike. torch.compile is compiled per shape and dtype
+(``dynamic=False``, a fresh compile cache for each). With ``--memory``, the peak extra memory
+of ncfast (and of ``inplace_backward=True``) is measured in fresh processes (VmHWM − VmRSS
+before the call, gradient by ``.backward()`` into ``.grad``, as a user gets it) and given in
+units of one logits buffer.
 
-    python benchmarks/loss_acceptance.py [--rows 4096] [--classes 32000] [--repeat 11]
+    python benchmarks/loss_acceptance.py                        # the whole table (long)
+    python benchmarks/loss_acceptance.py --shapes 4096x32000 8x19x256x256 --dtypes float32 \\
+        --losses cross_entropy --rounds 5 --memory
+
+The targets column marks the rows that meet them: ncfast/copy ≤ 1.5, compile/ncfast ≥ 1.25,
+eager/ncfast ≥ 3 (per call: eager/ncfast ≥ 1).
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-import ncfast  # noqa: E402
-from bench_losses import _eager_focal, _eager_rescaled_mse  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_losses import (DTYPES, LOSSES, PER_CALL_SHAPE, SHAPES, logits_copy,  # noqa: E402
+                          loss_step, make_inputs, ncfast_loss, parse_shape)
 
-CASES = {
-    "ncfast_ce": ncfast.cross_entropy,
-    "ncfast_ce_inplace": lambda z, y: ncfast.cross_entropy(z, y, inplace_backward=True),
-    "ncfast_focal": lambda z, y: ncfast.focal_loss(z, y, gamma=3.0),
-    "ncfast_mse": lambda z, y: ncfast.rescaled_mse(z, y, kappa=1.0, beta=15.0),
-    "eager_ce": F.cross_entropy,
-    "eager_focal": _eager_focal,
-    "eager_mse": _eager_rescaled_mse,
-}
+PEERS = ["ncfast", "torch_eager", "torch_compile"]
+SHORT = {"cross_entropy": "CE", "focal": "focal γ=3", "rescaled_mse": "MSE κ=1 β=15"}
+# Calls per timed sample: one call of the per-call case is tens of microseconds.
+PER_CALL_CALLS = 200
 
 
-def _status_mib(key):
+def _median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def _ratio(numerator, denominator):
+    """Median over rounds of the ratio within a round."""
+    return _median([x / y for x, y in zip(numerator, denominator)])
+
+
+def measure_shape(shape, dtype, losses, rounds, calls=1):
+    """{(loss, peer): [seconds per call, one per round]} and the copy's, interleaved."""
+    torch._dynamo.reset()
+    logits, target = make_inputs(shape, dtype)
+    runs = {"copy": logits_copy(logits)}
+    for loss in losses:
+        for peer in PEERS:
+            runs[(loss, peer)] = loss_step(loss, peer, logits, target)
+    for run in runs.values():
+        run()  # warm-up, compilation
+    # The copy is timed once per loss, next to that loss's peers.
+    times = {key: [] for loss in losses for key in [("copy", loss)] + [(loss, peer) for peer in PEERS]}
+    for _ in range(rounds):
+        for loss in losses:
+            runs["copy"]()  # untimed: settles the machine after the previous peer
+            for key, run in [(("copy", loss), runs["copy"])] + [((loss, p), runs[(loss, p)]) for p in PEERS]:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    run()
+                times[key].append((time.perf_counter() - start) / calls)
+    return times
+
+
+def _status_bytes(key):
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     raise KeyError(key)
 
 
-def peak_memory(case, rows, classes):
-    """In a child process: peak RSS growth of one forward + backward (gradient by autograd.grad)."""
-    fn = CASES[case]
-    warm = torch.randn(64, 300, requires_grad=True)
-    torch.autograd.grad(fn(warm, torch.randint(0, 300, (64,))), warm)
-    ncfast.losses.release_workspace()
-    logits = torch.randn(rows, classes, requires_grad=True)
-    target = torch.randint(0, classes, (rows,))
-    base = _status_mib("VmRSS")
-    torch.autograd.grad(fn(logits, target), logits)
-    print(_status_mib("VmHWM") - base)
+def child_peak_memory(loss, implementation, shape, dtype):
+    """In a fresh process: peak RSS growth of one forward + backward of an ncfast
+    implementation, in logits buffers (``null`` where it rejects the layout). The leaf is made
+    before the measurement: for ``ncfast_inplace`` its copy of the logits is the caller's."""
+    inplace = implementation == "ncfast_inplace"
+    function = ncfast_loss(loss, inplace_backward=inplace)
+    warm_logits, warm_target = make_inputs("64x300", dtype)
+    function(warm_logits.clone().requires_grad_(True), warm_target).backward()  # loads the code
+    logits, target = make_inputs(shape, dtype)
+    leaf = (logits.clone() if inplace else logits).requires_grad_(True)
+    before = _status_bytes("VmRSS")
+    try:
+        function(leaf, target).backward()
+    except ValueError:  # an option this layout does not offer (in place on (N, K, d1, ...))
+        print(json.dumps(None))
+        return
+    growth = _status_bytes("VmHWM") - before
+    print(json.dumps(growth / (logits.numel() * logits.element_size())))
+
+
+def peak_memory(loss, implementation, shape, dtype):
+    command = [sys.executable, os.path.abspath(__file__), "--child", loss, implementation, shape, dtype]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def _format_seconds(seconds):
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4096)
-    parser.add_argument("--classes", type=int, default=32000)
-    parser.add_argument("--repeat", type=int, default=11)
-    parser.add_argument("--child", choices=list(CASES))
+    parser.add_argument("--shapes", nargs="+", default=SHAPES + [PER_CALL_SHAPE],
+                        help=f"logit shapes, e.g. 4096x32000 8x19x256x256 ({PER_CALL_SHAPE} runs with one thread)")
+    parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
+    parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--memory", action="store_true", help="also peak extra memory (fresh processes)")
+    parser.add_argument("--child", nargs=4, metavar=("LOSS", "IMPLEMENTATION", "SHAPE", "DTYPE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return peak_memory(args.child, args.rows, args.classes)
+        return child_peak_memory(*args.child)
 
-    torch.manual_seed(0)
-    logits = torch.randn(args.rows, args.classes)
-    target = torch.randint(0, args.classes, (args.rows,))
-    copy = torch.empty_like(logits)
-    compiled_ce = torch.compile(F.cross_entropy)
-
-    def step(fn, inplace=False):
-        def run():
-            z = (logits.clone() if inplace else logits.detach()).requires_grad_(True)
-            fn(z, target).backward()
-        return run
-
-    timed = {}
-    for loss in ["ce", "focal", "mse"]:
-        timed[f"settle_{loss}"] = lambda: copy.copy_(logits)
-        timed[f"copy_{loss}"] = lambda: copy.copy_(logits)
-        timed[f"ncfast_{loss}"] = step(CASES[f"ncfast_{loss}"])
-        timed[f"eager_{loss}"] = step(CASES[f"eager_{loss}"])
-        if loss == "ce":
-            timed["compile_ce"] = step(compiled_ce)
-    timed["ncfast_ce_inplace"] = step(CASES["ncfast_ce_inplace"], inplace=True)
-    for run in timed.values():
-        run()  # warm-up, compilation
-    times = {name: [] for name in timed}
-    for _ in range(args.repeat):
-        for name, run in timed.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-
-    def median_of(values):
-        return sorted(values)[len(values) // 2]
-
-    def ratio(a, b):
-        return median_of([x / y for x, y in zip(times[a], times[b])])
-
-    median = {name: median_of(t) for name, t in times.items()}
-    print(f"fp32, N={args.rows}, K={args.classes}, forward + backward, {torch.get_num_threads()} threads, "
-          f"{args.repeat} rounds")
-    for name, value in median.items():
-        if name.startswith("settle"):
-            continue
-        print(f"  {name:18s} median {value:.4f} s   min {min(times[name]):.4f} s")
-    for loss in ["ce", "focal", "mse"]:
-        ours = f"ncfast_{loss}"
-        line = f"  {loss:6s} eager/ncfast {ratio(f'eager_{loss}', ours):5.1f}x   ncfast/copy {ratio(ours, f'copy_{loss}'):.2f}"
-        if loss == "ce":
-            line += f"   compile/ncfast {ratio('compile_ce', ours):.1f}x"
-        print(line)
-    print(f"peak extra memory (one N×K buffer = {args.rows * args.classes * 4 / 2**20:.0f} MiB):")
-    for case in CASES:
-        out = subprocess.run([sys.executable, __file__, "--child", case, "--rows", str(args.rows),
-                              "--classes", str(args.classes)], capture_output=True, text=True, check=True)
-        print(f"  {case:18s} {float(out.stdout.split()[-1]):7.0f} MiB")
+    threads = torch.get_num_threads()
+    print(f"forward + backward, {threads} threads ({PER_CALL_SHAPE}: 1 thread, {PER_CALL_CALLS} calls per sample), "
+          f"{args.rounds} rounds; times are medians, ratios medians of per-round ratios\n")
+    header = "| logits | dtype | loss | ncfast | eager | compile | copy | ncfast/copy | compile/ncfast | eager/ncfast | targets |"
+    if args.memory:
+        header += " peak extra (logits buffers) ncfast / in place |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for shape in args.shapes:
+        parse_shape(shape)  # a malformed shape fails here, before any timing
+        per_call = shape == PER_CALL_SHAPE
+        for dtype in args.dtypes:
+            torch.set_num_threads(1 if per_call else threads)
+            times = measure_shape(shape, dtype, args.losses, args.rounds, PER_CALL_CALLS if per_call else 1)
+            torch.set_num_threads(threads)
+            for loss in args.losses:
+                copy = times[("copy", loss)]
+                ours = times[(loss, "ncfast")]
+                eager, compiled = times[(loss, "torch_eager")], times[(loss, "torch_compile")]
+                ratios = _ratio(ours, copy), _ratio(compiled, ours), _ratio(eager, ours)
+                meets = ratios[2] >= 1 if per_call else ratios[0] <= 1.5 and ratios[1] >= 1.25 and ratios[2] >= 3
+                row = (f"| ({shape.replace('x', ', ')}) | {dtype} | {SHORT[loss]} | {_format_seconds(_median(ours))} | "
+                       f"{_format_seconds(_median(eager))} | {_format_seconds(_median(compiled))} | "
+                       f"{_format_seconds(_median(copy))} | {'—' if per_call else f'{ratios[0]:.2f}'} | {ratios[1]:.2f} | {ratios[2]:.2f} | "
+                       f"{'met' if meets else '**missed**'} |")
+                if args.memory and per_call:
+                    row += " — |"  # a few kB: below the page granularity of VmHWM
+                elif args.memory:
+                    memory = [peak_memory(loss, peer, shape, dtype) for peer in ("ncfast", "ncfast_inplace")]
+                    row += " " + " / ".join("n/a" if m is None else f"{m:.2f}" for m in memory) + " |"
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -133,11 +133,37 @@ def test_no_counted_row_gives_nan_loss_and_zero_gradient(num_rows):
         assert torch.equal(leaf.grad, torch.zeros_like(leaf))
 
 
-def test_chunk_rows_from_budget():
-    assert linear.chunk_rows(65536, 16384, torch.float32) == linear.CHUNK_MEMORY_BYTES // (16384 * 4)
+def test_chunk_rows_from_budget(monkeypatch):
+    monkeypatch.setattr(linear, "CACHED_CHUNK_BYTES", 16 * 2**20)
+    # Long rows: the GEMMs' minimum, not a cache-sized chunk of 256 rows.
+    assert linear.chunk_rows(65536, 16384, torch.float32) == linear.GEMM_ROWS
+    # Short rows: a cache-sized chunk (16 MiB of 1000 fp32 logits), far more than GEMM_ROWS.
+    assert linear.chunk_rows(10**6, 1000, torch.float32) == 16 * 2**20 // 4000
+    assert linear.chunk_rows(10**6, 1000, torch.bfloat16) == 16 * 2**20 // 2000
+    # Never more rows than there are, never more bytes than chunk_memory, at least one row.
     assert linear.chunk_rows(10, 16384, torch.float32) == 10
     assert linear.chunk_rows(10, 16384, torch.float32, chunk_memory=1) == 1
     assert linear.chunk_rows(1000, 100, torch.bfloat16, chunk_memory=100 * 2 * 30) == 30
+    assert linear.chunk_rows(65536, 262144, torch.float32) == linear.CHUNK_MEMORY_BYTES // (262144 * 4)
+
+
+def test_last_level_cache_size_is_read_or_defaulted():
+    size = linear._last_level_cache_bytes()
+    assert isinstance(size, int) and size >= 2**20
+    assert linear.CACHED_CHUNK_BYTES == size // 2
+
+
+def test_default_chunking_over_several_chunks_matches_float64(monkeypatch):
+    """The default ``chunk_memory`` with the preferred rows lowered to 6: 23 rows run as
+    three full chunks and one of 5, and the result is the unfused float64 one."""
+    monkeypatch.setattr(linear, "GEMM_ROWS", 6)
+    monkeypatch.setattr(linear, "CACHED_CHUNK_BYTES", 6 * 13 * 8)
+    assert linear.chunk_rows(23, 13, torch.float64) == 6
+    features, weight, bias, target = _problem()
+    fn, kwargs = FUNCTIONS["cross_entropy"]
+    pairs = _losses_and_grads(fn, _reference_kwargs("cross_entropy", kwargs), "cross_entropy", features, weight,
+                              bias, target, "mean", **kwargs)
+    _assert_close(pairs, TOLERANCES[torch.float64])
 
 
 def test_frozen_classifier_and_no_grad():
