@@ -1,4 +1,4 @@
-"""Fused linear + loss (SPEC §2): ``<loss>(H Wᵀ + b, y)`` and its gradients for H, W and b
+"""Fused linear + loss: ``<loss>(H Wᵀ + b, y)`` and its gradients for H, W and b
 without ever holding the (N, K) logits.
 
 The rows are processed in chunks of ``C`` rows, ``C`` chosen so that one chunk of logits fits
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, losses
+from .loss_options import OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
 
 #: Default memory budget for one chunk of logits, in bytes (per call; see ``chunk_memory``).
@@ -57,7 +58,7 @@ def _bias_width(dim: int) -> int:
     return (dim + 1 + 15) // 16 * 16
 
 
-def _chunked(features, weight, bias, target, class_weight, alpha, loss, params, ignore_index, chunk,
+def _chunked(features, weight, bias, target, class_weight, alpha, options, chunk,
              row_scale, grad_features, grad_weight, grad_bias):
     """Per-row losses (N,) in the accumulation dtype and the unscaled gradients
     Σ_i u_i ∂(w_{y_i} ℓ_i) (u = ``row_scale`` or 1); a gradient not asked for is (0,).
@@ -96,10 +97,8 @@ def _chunked(features, weight, bias, target, class_weight, alpha, loss, params, 
             h = features_ext[: stop - start]
         z = logits[: stop - start]
         torch.mm(h, weight_ext.t(), out=z)
-        value, _ = torch.ops.ncfast.fused_loss_(
-            z, target[start:stop], class_weight, alpha, loss, params["label_smoothing"], params["gamma"],
-            params["kappa"], params["beta"], ignore_index, "none", params["lse_square_scale"], params["softcap"],
-        )
+        value, _ = torch.ops.ncfast.fused_loss_(z, target[start:stop], class_weight, alpha,
+                                                *options._replace(reduction="none"))
         rows[start:stop] = value
         if row_scale is not None:
             z.mul_(row_scale[start:stop, None].to(dtype))
@@ -120,46 +119,48 @@ def _chunked(features, weight, bias, target, class_weight, alpha, loss, params, 
     return rows, d_features, d_weight, d_bias
 
 
-def _mean_divisor(target, class_weight, ignore_index, dtype):
-    return reference.total_weight(target, class_weight, ignore_index, dtype)
-
-
-@torch.library.custom_op("ncfast::fused_linear_loss", mutates_args=(), device_types=None)
-def fused_linear_loss(
-    features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, class_weight: Optional[Tensor],
-    alpha: Optional[Tensor], loss: str, label_smoothing: float, gamma: float, kappa: float, beta: float,
-    lse_square_scale: float, softcap: float, ignore_index: int, reduction: str, chunk: int, row_scale: Optional[Tensor],
-    grad_features: bool, grad_weight: bool, grad_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fused_linear_loss(features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                       class_weight: Optional[Tensor], alpha: Optional[Tensor], chunk: int,
+                       row_scale: Optional[Tensor], grad_features: bool, grad_weight: bool, grad_bias: bool,
+                       *options) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, dH, dW, db)``: the reduced loss of ``<loss>(H Wᵀ + b, y)`` and its gradients
-    (each (0,) unless its ``grad_*`` flag is set), computed ``chunk`` rows at a time.
+    (each (0,) unless its ``grad_*`` flag is set), computed ``chunk`` rows at a time;
+    ``options`` are the fields of :class:`~ncfast.loss_options.LossOptions`, in order.
 
     With ``row_scale`` u (N,) the gradients are those of Σ_i u_i ℓ_i (the backward of
     reduction="none"); otherwise those of the reduced loss."""
-    if target.device.type == "cpu":  # here for the global row index; on CUDA it would sync
-        losses._check_target_values(target, weight.shape[0], ignore_index)
-    params = losses._params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
+    options = LossOptions(*options)
+    if target.device.type == "cpu" and not target.is_floating_point():  # the global row index; on CUDA: a sync
+        losses.check_target_values(target, weight.shape[0], options.ignore_index)
     rows, d_features, d_weight, d_bias = _chunked(
-        features, weight, bias, target, class_weight, alpha, loss, params, ignore_index, chunk,
-        row_scale, grad_features, grad_weight, grad_bias,
+        features, weight, bias, target, class_weight, alpha, options, chunk, row_scale, grad_features, grad_weight,
+        grad_bias,
     )
-    if reduction == "none":
+    if options.reduction == "none":
         return rows.to(features.dtype), d_features, d_weight, d_bias
     value = rows.sum()
-    if reduction == "mean":
-        total = _mean_divisor(target, class_weight, ignore_index, rows.dtype)
-        value = value / total
+    if options.reduction == "mean":
         # No counted row: loss NaN (0/0) but gradient 0, as torch; a tensor select, no sync.
-        scale = torch.where(total == 0, 0.0, 1.0 / total)
+        total = reference.total_weight(target, class_weight, options.ignore_index, rows.dtype)
+        value = value / total
+        scale = reference.mean_scale(total)
         for grad in (d_features, d_weight, d_bias):
             grad.mul_(scale.to(grad.dtype))
     return value.to(features.dtype), d_features, d_weight, d_bias
 
 
+fused_linear_loss = torch.library.custom_op(
+    "ncfast::fused_linear_loss", _fused_linear_loss, mutates_args=(), device_types=None,
+    schema="(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, Tensor? alpha, "
+           "int chunk, Tensor? row_scale, bool grad_features, bool grad_weight, bool grad_bias, "
+           f"{OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+
+
 @fused_linear_loss.register_fake
-def _(features, weight, bias, target, class_weight, alpha, loss, label_smoothing, gamma, kappa, beta,
-      lse_square_scale, softcap, ignore_index, reduction, chunk, row_scale, grad_features, grad_weight, grad_bias):
-    value = features.new_empty((features.shape[0],) if reduction == "none" else ())
+def _(features, weight, bias, target, class_weight, alpha, chunk, row_scale, grad_features, grad_weight, grad_bias,
+      *options):
+    value = features.new_empty((features.shape[0],) if LossOptions(*options).reduction == "none" else ())
     return (
         value,
         torch.empty_like(features) if grad_features else features.new_empty((0,)),
@@ -168,38 +169,87 @@ def _(features, weight, bias, target, class_weight, alpha, loss, label_smoothing
     )
 
 
+_NO_GRADIENTS = (None,) * (7 + len(LossOptions._fields))  # class_weight … grad_bias, then the options
+
+
 def _setup_context(ctx, inputs, output):
+    features, weight, bias, target, class_weight, alpha, chunk, _, grad_features, grad_weight, grad_bias, *options = inputs
     # The gradient outputs are non-differentiable: no zero-filled (N, d)/(K, d) grads for them.
     ctx.set_materialize_grads(False)
-    ctx.reduction = inputs[14]
-    if ctx.reduction == "none":
-        ctx.arguments = inputs[4:16]
-        ctx.has_bias = inputs[2] is not None
-        ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3])
-    else:
-        ctx.computed = inputs[17:20]
-        ctx.save_for_backward(*output[1:])
+    ctx.options = LossOptions(*options)
+    ctx.computed = (grad_features, grad_weight, grad_bias)
+    ctx.chunk = chunk
+    saved = (features, weight, bias, target, class_weight, alpha)
+    ctx.save_for_backward(*saved, *(output[1:] if ctx.options.reduction != "none" else ()))
     ctx.mark_non_differentiable(*output[1:])
+
+
+def _recomputed_gradients(features, weight, bias, target, class_weight, alpha, options, grad_loss, wanted):
+    """(dH, dW, db, dq) of grad_loss · loss from the unfused formula, in differentiable torch
+    ops (for second derivatives); entries not in ``wanted`` are None."""
+    acc = losses.accumulation_dtype(features.dtype)
+    z = torch.nn.functional.linear(features.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    _, grad, _ = reference.rows_and_grad(options.loss, z, target, class_weight, alpha, options.ignore_index,
+                                         **options.params())
+    scale = grad_loss.to(acc)
+    if options.reduction == "none":
+        scale = scale[:, None]
+    elif options.reduction == "mean":
+        scale = scale * reference.mean_scale(reference.total_weight(target, class_weight, options.ignore_index, acc))
+    grad = grad * scale
+    d_target = None
+    if wanted[3]:
+        d_target = (reference.soft_target_grad(z, class_weight, options.label_smoothing, options.softcap)
+                    * scale).to(target.dtype)
+    return (
+        (grad @ weight.to(acc)).to(features.dtype) if wanted[0] else None,
+        (grad.t() @ features.to(acc)).to(weight.dtype) if wanted[1] else None,
+        grad.sum(0).to(bias.dtype) if wanted[2] else None,
+        d_target,
+    )
 
 
 def _backward(ctx, grad_loss, *_grads_of_grads):
     if grad_loss is None:  # not materialised: nothing flows back
-        return (None,) * 20
-    if ctx.reduction == "none":
-        features, weight, bias, target = ctx.saved_tensors
-        computed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
-        _, *grads = torch.ops.ncfast.fused_linear_loss(features, weight, bias, target, *ctx.arguments, grad_loss,
-                                                       *computed)
+        return (None,) * 4 + _NO_GRADIENTS
+    features, weight, bias, target, class_weight, alpha, *stored = ctx.saved_tensors
+    wanted = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled() or wanted[3]:  # create_graph=True, torch.func, or a soft target's gradient
+        grads = _recomputed_gradients(features, weight, bias, target, class_weight, alpha, ctx.options, grad_loss,
+                                      wanted)
+        return grads + _NO_GRADIENTS
+    if ctx.options.reduction == "none":
+        computed = (wanted[0], wanted[1], wanted[2] and bias is not None)
+        _, *grads = torch.ops.ncfast.fused_linear_loss(features, weight, bias, target, class_weight, alpha,
+                                                       ctx.chunk, grad_loss, *computed, *ctx.options)
     else:
         # A new tensor, not an in-place scaling: the graph may be run again (retain_graph). It
         # is N·d + K·d elements, nothing next to the GEMMs, so there is no shortcut for 1.
         computed = ctx.computed
-        grads = [grad * grad_loss for grad in ctx.saved_tensors]
+        grads = [grad * grad_loss for grad in stored]
     grads = tuple(grad if needed else None for grad, needed in zip(grads, computed))
-    return grads + (None,) * 17
+    return grads + (None,) + _NO_GRADIENTS
 
 
 torch.library.register_autograd("ncfast::fused_linear_loss", _backward, setup_context=_setup_context)
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """The op with its autograd formula, in the form torch.func transforms take; eager calls
+    skip the custom-op dispatcher."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(features, weight, bias, target, class_weight, alpha, chunk, row_scale, *flags_and_options):
+        if losses.eager(features):
+            return _fused_linear_loss(features, weight, bias, target, class_weight, alpha, chunk, row_scale,
+                                      *flags_and_options)
+        return torch.ops.ncfast.fused_linear_loss(features, weight, bias, target, class_weight, alpha, chunk,
+                                                  row_scale, *flags_and_options)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,32 +288,39 @@ def _linear_loss(loss, features, weight, bias, target, class_weight, ignore_inde
         _check_same("bias", bias, features)
         if bias.shape != (num_classes,):
             raise ValueError(f"bias: expected shape ({num_classes},) (one entry per row of weight), got {tuple(bias.shape)}")
-    _checks.class_indices("target", target)
-    if target.shape != (num_rows,):
-        raise ValueError(f"target: expected shape ({num_rows},) for features of shape {tuple(features.shape)}, "
-                         f"got {tuple(target.shape)}")
+    soft = isinstance(target, Tensor) and target.is_floating_point()
+    if soft and loss != "cross_entropy":
+        raise TypeError(f"target: probability targets are defined for cross-entropy only; {loss} takes integer "
+                        "class indices")
+    if not soft:
+        _checks.class_indices("target", target)
+    if soft and target.shape != (num_rows, num_classes):
+        raise TypeError(f"target: expected integer class indices of shape ({num_rows},) or probabilities of shape "
+                        f"({num_rows}, {num_classes}), got {target.dtype} of shape {tuple(target.shape)}")
+    expected = (num_rows, num_classes) if soft else (num_rows,)
+    if target.shape != expected:
+        raise ValueError(f"target: expected shape {expected} for features of shape {tuple(features.shape)} and "
+                         f"{num_classes} classes, got {tuple(target.shape)}")
     if target.device != features.device:
         raise ValueError(f"target: is on {target.device} but features are on {features.device}")
-    _checks.reduction(reduction)
-    _checks.integer("ignore_index", ignore_index)
     if isinstance(chunk_memory, bool) or not isinstance(chunk_memory, int):
         raise TypeError(f"chunk_memory: expected an int (bytes), got {type(chunk_memory).__name__}")
     if chunk_memory <= 0:
         raise ValueError(f"chunk_memory: expected a positive number of bytes, got {chunk_memory}")
-    params, alpha = losses.loss_options(loss, num_classes, features.device, **options)
+    options, alpha = loss_options(loss, num_classes, features.device, ignore_index, reduction, **options)
+    if soft and options.lse_square_scale:
+        raise ValueError("lse_square_scale: the z-loss is defined for class-index targets only")
     if class_weight is not None:
         class_weight = _checks.class_vector("class_weight", class_weight, num_classes, features.device, "features")
     if alpha is not None:
         alpha = _checks.class_vector("alpha", alpha, num_classes, features.device, "features")
-    target = target.to(torch.int64)
+    target = target if soft else target.to(torch.int64)
     features, weight = features.contiguous(), weight.contiguous()
     chunk = chunk_rows(num_rows, num_classes, features.dtype, chunk_memory)
     grad_on = torch.is_grad_enabled() and reduction != "none"
-    value, *_ = torch.ops.ncfast.fused_linear_loss(
-        features, weight, bias, target, class_weight, alpha, loss, params["label_smoothing"], params["gamma"],
-        params["kappa"], params["beta"], params["lse_square_scale"], params["softcap"], ignore_index, reduction,
-        chunk, None, grad_on and features.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
+    value, *_ = _FusedLinearLoss.apply(
+        features, weight, bias, target, class_weight, alpha, chunk, None, grad_on and features.requires_grad,
+        grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad, *options,
     )
     return value
 
@@ -275,13 +332,14 @@ def linear_cross_entropy(
 ) -> Tensor:
     """``cross_entropy(features @ weight.T + bias, target)`` without materialising the logits.
 
-    ℓ_i = lse(z_i) − Σ_j q_j z_ij, z_i = W h_i + b, q = (1−α)e_y + α/K (seed 002 eq. (3), (5)).
+    ℓ_i = lse(z_i) − Σ_j q_j z_ij, z_i = W h_i + b, q = (1−α)e_y + α/K (Zhou et al., NeurIPS 2022, eq. (3), (5)).
 
     Args:
         features: (N, d) penultimate features H, float32/float64/bfloat16/float16.
         weight: (K, d) classifier W, same dtype and device.
         bias: (K,) or None.
-        target: (N,) integer class indices in [0, K) or ``ignore_index``.
+        target: (N,) integer class indices in [0, K) or ``ignore_index``, or (N, K)
+            probabilities (as :func:`ncfast.cross_entropy`).
         class_weight: optional (K,) class weights (``weight=`` of :func:`ncfast.cross_entropy`).
         ignore_index, reduction, label_smoothing, lse_square_scale (z-loss), softcap: as
             :func:`ncfast.cross_entropy` (``return_lse`` and ``process_group`` are not offered here).
@@ -301,7 +359,7 @@ def linear_focal_loss(
     ignore_index: int = -100, reduction: str = "mean", chunk_memory: int = CHUNK_MEMORY_BYTES,
 ) -> Tensor:
     """``focal_loss(features @ weight.T + bias, target)`` without materialising the logits:
-    ℓ_i = −α_{y_i} (1−p_{y_i})^γ log p_{y_i} (seed 002 eq. (6)).
+    ℓ_i = −α_{y_i} (1−p_{y_i})^γ log p_{y_i} (Zhou et al., NeurIPS 2022, eq. (6)).
 
     Args:
         features, weight, bias, target, class_weight, ignore_index, reduction, chunk_memory:
@@ -318,7 +376,7 @@ def linear_rescaled_mse(
     chunk_memory: int = CHUNK_MEMORY_BYTES,
 ) -> Tensor:
     """``rescaled_mse(features @ weight.T + bias, target)`` without materialising the logits:
-    ℓ_i = κ(z_{i,y} − β)² + Σ_{j≠y} z_ij² (seed 002 eq. (6); seed 000 eq. (4)).
+    ℓ_i = κ(z_{i,y} − β)² + Σ_{j≠y} z_ij² (Zhou et al., NeurIPS 2022, eq. (6); Zhou et al., ICML 2022, eq. (4)).
 
     Args:
         features, weight, bias, target, class_weight, ignore_index, reduction, chunk_memory:
