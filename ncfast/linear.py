@@ -181,16 +181,24 @@ def _setup_context(ctx, inputs, output):
     ctx.chunk = chunk
     saved = (features, weight, bias, target, class_weight, alpha)
     ctx.save_for_backward(*saved, *(output[1:] if ctx.options.reduction != "none" else ()))
+    ctx.save_for_forward(*saved)
     ctx.mark_non_differentiable(*output[1:])
+
+
+def _logits_and_grad(features, weight, bias, target, class_weight, alpha, options):
+    """The unfused Z = H Wᵀ + b and G = Σ_i ∂(w_{y_i} ℓ_i)/∂Z in the accumulation dtype."""
+    acc = losses.accumulation_dtype(features.dtype)
+    z = torch.nn.functional.linear(features.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    _, grad, _ = reference.rows_and_grad(options.loss, z, target, class_weight, alpha, options.ignore_index,
+                                         **options.params())
+    return z, grad
 
 
 def _recomputed_gradients(features, weight, bias, target, class_weight, alpha, options, grad_loss, wanted):
     """(dH, dW, db, dq) of grad_loss · loss from the unfused formula, in differentiable torch
     ops (for second derivatives); entries not in ``wanted`` are None."""
-    acc = losses.accumulation_dtype(features.dtype)
-    z = torch.nn.functional.linear(features.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
-    _, grad, _ = reference.rows_and_grad(options.loss, z, target, class_weight, alpha, options.ignore_index,
-                                         **options.params())
+    z, grad = _logits_and_grad(features, weight, bias, target, class_weight, alpha, options)
+    acc = z.dtype
     scale = grad_loss.to(acc)
     if options.reduction == "none":
         scale = scale[:, None]
@@ -231,25 +239,50 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
     return grads + (None,) + _NO_GRADIENTS
 
 
+def _jvp(ctx, features_t, weight_t, bias_t, target_t, *_other_tangents):
+    """Forward mode: the loss moves by Σ_i ⟨G_i, Ż_i⟩ (+ ⟨∂ℓ/∂q, q̇⟩), Ż = Ḣ Wᵀ + H Ẇᵀ + ḃ,
+    from the unfused logits (forward-mode second derivatives, e.g. ``torch.func.hessian``)."""
+    features, weight, bias, target, class_weight, alpha = ctx.saved_tensors
+    options = ctx.options
+    z, grad = _logits_and_grad(features, weight, bias, target, class_weight, alpha, options)
+    z_t = torch.zeros_like(z)
+    if features_t is not None:
+        z_t = z_t + features_t.to(z.dtype) @ weight.to(z.dtype).t()
+    if weight_t is not None:
+        z_t = z_t + features.to(z.dtype) @ weight_t.to(z.dtype).t()
+    if bias_t is not None:
+        z_t = z_t + bias_t.to(z.dtype)
+    rows = (grad * z_t).sum(1)
+    if target_t is not None and target.is_floating_point():
+        rows = rows + (reference.soft_target_grad(z, class_weight, options.label_smoothing, options.softcap)
+                       * target_t.to(z.dtype)).sum(1)
+    if options.reduction == "none":
+        value = rows
+    else:
+        value = rows.sum()
+        if options.reduction == "mean":
+            value = value * reference.mean_scale(reference.total_weight(target, class_weight, options.ignore_index,
+                                                                        z.dtype))
+    return value.to(features.dtype), None, None, None
+
+
 torch.library.register_autograd("ncfast::fused_linear_loss", _backward, setup_context=_setup_context)
 
 
 class _FusedLinearLoss(torch.autograd.Function):
-    """The op with its autograd formula, in the form torch.func transforms take; eager calls
-    skip the custom-op dispatcher."""
+    """The op with its autograd formula, in the form torch.func transforms take (eager mode;
+    it skips the custom-op dispatcher)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(features, weight, bias, target, class_weight, alpha, chunk, row_scale, *flags_and_options):
-        if losses.eager(features):
-            return _fused_linear_loss(features, weight, bias, target, class_weight, alpha, chunk, row_scale,
-                                      *flags_and_options)
-        return torch.ops.ncfast.fused_linear_loss(features, weight, bias, target, class_weight, alpha, chunk,
-                                                  row_scale, *flags_and_options)
+        run = _fused_linear_loss if losses.eager(features) else torch.ops.ncfast.fused_linear_loss
+        return run(features, weight, bias, target, class_weight, alpha, chunk, row_scale, *flags_and_options)
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,10 +351,11 @@ def _linear_loss(loss, features, weight, bias, target, class_weight, ignore_inde
     features, weight = features.contiguous(), weight.contiguous()
     chunk = chunk_rows(num_rows, num_classes, features.dtype, chunk_memory)
     grad_on = torch.is_grad_enabled() and reduction != "none"
-    value, *_ = _FusedLinearLoss.apply(
-        features, weight, bias, target, class_weight, alpha, chunk, None, grad_on and features.requires_grad,
-        grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad, *options,
-    )
+    flags = (grad_on and features.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    # Under torch.compile the op itself (its autograd is registered): dynamo traces no custom jvp.
+    op = torch.ops.ncfast.fused_linear_loss if torch.compiler.is_compiling() else _FusedLinearLoss.apply
+    value, *_ = op(features, weight, bias, target, class_weight, alpha, chunk, None, *flags, *options)
     return value
 
 
