@@ -88,8 +88,41 @@ def _triton_forward(logits, target, weight, alpha, grad, lse, options, mean):
 
 
 _BACKEND_FORWARD = {"cpp": _cpp_forward, "torch": _torch_forward, "triton": _triton_forward}
-# Probability targets (cross-entropy only): g_ij = (Σ_k w_k q_ik) p_ij − w_j q_ij.
-_BACKEND_SOFT_FORWARD = {"cpp": _torch_forward, "torch": _torch_forward, "triton": _torch_forward}
+
+
+# Probability targets (cross-entropy only): ℓ_i = −Σ_j w_j q'_ij log p_ij, "mean" divides by N
+# (as torch), g_ij = (Σ_k w_k q'_ik) p_ij − w_j q'_ij. The kernels read q in the logits' dtype.
+def _soft_rows_count(logits: Tensor, mean: bool) -> tuple[Tensor, float]:
+    num_rows = logits.shape[0]
+    total = torch.tensor(float(num_rows), dtype=accumulation_dtype(logits.dtype), device=logits.device)
+    return total, (1.0 / num_rows if mean and num_rows else 1.0)
+
+
+def _cpp_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
+    from . import _C
+
+    total, scale = _soft_rows_count(logits, mean)
+    rows = torch.empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
+    target = target.to(logits.dtype).contiguous()
+    _C.soft_cross_entropy_forward(
+        _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
+        lse.numpy(), dtype_name(logits.dtype), as_float64(weight), options.label_smoothing, options.softcap, scale,
+        torch.get_num_threads(),
+    )
+    return rows, total
+
+
+def _triton_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
+    from .triton_kernels import losses as kernels
+
+    total, scale = _soft_rows_count(logits, mean)
+    target = target.to(logits.dtype).contiguous()
+    rows = kernels.soft_loss_forward(logits, target, weight, grad, options.label_smoothing, options.softcap, scale,
+                                     lse)
+    return rows, total
+
+
+_BACKEND_SOFT_FORWARD = {"cpp": _cpp_soft_forward, "torch": _torch_forward, "triton": _triton_soft_forward}
 
 
 def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
