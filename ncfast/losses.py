@@ -303,14 +303,18 @@ def _recomputed_gradients(logits, target, weight, alpha, options: LossOptions, g
     return d_logits, d_target.to(target.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, target, weight, alpha, *options = inputs
+def _keep_for_backward(ctx, logits, target, weight, alpha, options: LossOptions, output) -> None:
     _, grad, lse = output
-    ctx.options = LossOptions(*options)
+    ctx.options = options
     ctx.save_for_backward(grad, logits, target, weight, alpha)
-    ctx.save_for_forward(grad)
     ctx.mark_non_differentiable(grad, lse)
     ctx.set_materialize_grads(False)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, alpha, *options = inputs
+    _keep_for_backward(ctx, logits, target, weight, alpha, LossOptions(*options), output)
+    ctx.save_for_forward(output[1])
 
 
 def _backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
@@ -350,6 +354,24 @@ class _FusedLoss(torch.autograd.Function):
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
     jvp = staticmethod(_jvp)
+
+
+class _FusedLossEager(torch.autograd.Function):
+    """:class:`_FusedLoss` for eager calls outside every torch.func transform: the same
+    formulas in the older form, whose ``apply`` neither binds the arguments through
+    ``inspect.signature`` nor walks nine option arguments (the record travels whole): tens
+    of µs a call, more than a small call's kernel. (Forward mode, ``torch.func.jvp``, runs
+    :class:`_FusedLoss`.)"""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, alpha, options):
+        output = _fused_loss(logits, target, weight, alpha, *options)
+        _keep_for_backward(ctx, logits, target, weight, alpha, options, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)[:5]
 
 
 class _InplaceFusedLoss(torch.autograd.Function):
@@ -449,6 +471,8 @@ def _fused(loss, logits, target, weight, inplace_backward, return_lse=False, pro
         value, lse = _InplaceFusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
     elif torch.compiler.is_compiling():  # the op, whose autograd is registered: dynamo traces no custom jvp
         value, _, lse = torch.ops.ncfast.fused_loss(rows_logits, rows_target, weight, alpha, *options)
+    elif torch._C._functorch.maybe_current_level() is None:  # no torch.func transform around this call
+        value, _, lse = _FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options)
     else:
         value, _, lse = _FusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
     if options.reduction == "none":

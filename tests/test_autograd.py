@@ -164,3 +164,21 @@ def test_linear_torch_func_grad():
     hessian = torch.func.hessian(lambda weight: ncfast.linear_cross_entropy(h, weight, None, target))(w)
     torch.testing.assert_close(hessian, torch.func.hessian(lambda weight: F.cross_entropy(h @ weight.T, target))(w),
                                atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_fast_path_equals_the_op(backend):
+    """Eager calls skip the custom-op dispatcher; the op (torch.compile's route) and the
+    torch.func route give the same bits, loss and gradient."""
+    logits, target, weight = problem(n=9, k=7)
+    logits = logits.float()
+    options, _ = ncfast.loss_options.loss_options("cross_entropy", 7, logits.device, label_smoothing=0.1)
+    with ncfast.use_backend(backend):
+        eager = ncfast.cross_entropy(logits, target, weight=weight, label_smoothing=0.1)
+        x = logits.clone().requires_grad_(True)
+        ncfast.cross_entropy(x, target, weight=weight, label_smoothing=0.1).backward()
+        value, grad, _ = torch.ops.ncfast.fused_loss(logits, target, weight, None, *options)
+        func_grad = torch.func.grad(lambda z: ncfast.cross_entropy(z, target, weight=weight, label_smoothing=0.1))(
+            logits)
+    assert torch.equal(eager, value) and torch.equal(x.grad, grad)
+    torch.testing.assert_close(func_grad, grad, atol=1e-6, rtol=1e-6)  # recomputed in torch ops
