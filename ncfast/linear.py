@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _checks, losses
+from . import _checks, loss_autograd, losses
 from .loss_options import OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
 
@@ -277,7 +277,7 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(features, weight, bias, target, class_weight, alpha, chunk, row_scale, *flags_and_options):
-        run = _fused_linear_loss if losses.eager(features) else torch.ops.ncfast.fused_linear_loss
+        run = _fused_linear_loss if loss_autograd.eager(features) else torch.ops.ncfast.fused_linear_loss
         return run(features, weight, bias, target, class_weight, alpha, chunk, row_scale, *flags_and_options)
 
     setup_context = staticmethod(_setup_context)

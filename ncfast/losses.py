@@ -7,20 +7,13 @@ Layers, top to bottom:
 * public functions (``cross_entropy``, ``focal_loss``, ``rescaled_mse``) and ``nn.Module``s:
   argument checking (once, into a :class:`~ncfast.loss_options.LossOptions` record) and
   torch's shape conventions;
-* two autograd Functions over two ``torch.library`` ops, ``ncfast::fused_loss`` (functional,
-  returns ``(loss, grad, lse)``) and ``ncfast::fused_loss_`` (writes the gradient into the
-  logits' own storage, for ``inplace_backward=True``). The options record is flattened once
-  at the op boundary and rebuilt by name behind it. In eager mode the Functions call the
-  implementation directly (the custom-op dispatcher costs more than a small call's kernel);
-  under ``torch.compile`` and functorch's vmap they call the ops;
+* two ``torch.library`` ops, ``ncfast::fused_loss`` (functional, returns ``(loss, grad, lse)``)
+  and ``ncfast::fused_loss_`` (writes the gradient into the logits' own storage, for
+  ``inplace_backward=True``); the options record is flattened once at the op boundary and
+  rebuilt by name behind it. Their autograd (first and second order, torch.func) is in
+  :mod:`ncfast.loss_autograd`, whose eager route calls the implementations here directly
+  (the custom-op dispatcher costs more than a small call's kernel);
 * backend dispatch to the C++ kernel (CPU), the Triton kernel (CUDA) or the torch reference.
-
-First-order backward only scales the stored gradient by the incoming gradient (a scalar for
-"mean"/"sum", one factor per row for "none"), and skips even that for ``loss.backward()``.
-When the backward itself is differentiated (``create_graph=True``, ``torch.func.grad``,
-``hessian``), it recomputes the gradient from the saved logits with differentiable torch ops
-(the closed form of :func:`ncfast.reference.losses.rows_and_grad`), so second derivatives are
-exact.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _backend, _checks
+from . import _backend, _checks, loss_autograd
 from .loss_options import LOSSES, OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
 
@@ -206,8 +199,6 @@ def _new_gradient(logits: Tensor) -> Tensor:
 # torch.library ops: the options record is flattened here, once, and rebuilt by name behind it
 # --------------------------------------------------------------------------------------------
 _INPUTS_SCHEMA = "Tensor? weight, Tensor? alpha, " + OPTIONS_SCHEMA
-# Gradients returned for the inputs after the logits: target, weight, alpha and the options.
-_NO_GRADIENTS = (None,) * (3 + len(LossOptions._fields))
 
 
 def _new_lse(logits: Tensor) -> Tensor:
@@ -260,151 +251,7 @@ def _(logits, target, weight, alpha, *options):
     return logits.new_empty(_loss_shape(logits, options)), _new_lse(logits)
 
 
-# --------------------------------------------------------------------------------------------
-# autograd
-# --------------------------------------------------------------------------------------------
-def eager(logits: Tensor) -> bool:
-    """Whether an ncfast op's implementation may run directly, skipping the custom-op dispatcher:
-    not while torch.compile traces (it needs the op in its graph) nor on functorch's batched
-    tensors (vmap runs the op). Both routes run the same function."""
-    return not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(logits)
-
-
-def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bool) -> Tensor:
-    """grad · grad_loss. The usual ``loss.backward()`` passes exactly 1: then the stored
-    gradient is returned as it is, with no pass over N×K (checked on plain CPU tensors only:
-    no host sync on CUDA). Otherwise the product is a new tensor, so that the graph can be run
-    again (``retain_graph``, gradcheck) — except with ``inplace_backward``, which scales in
-    place (a second backward then raises, since the stored gradient's version changed)."""
-    factor = grad_loss[:, None] if reduction == "none" else grad_loss
-    if reduction != "none" and grad_loss.device.type == "cpu" and eager(grad_loss) and float(grad_loss) == 1.0:
-        return grad
-    if inplace and not torch.compiler.is_compiling():
-        return grad.mul_(factor)
-    return grad * factor
-
-
-def _recomputed_gradients(logits, target, weight, alpha, options: LossOptions, grad_loss, want_target: bool):
-    """∂/∂logits (and ∂/∂target for probability targets) of grad_loss · loss, recomputed from
-    the logits with differentiable torch ops: the backward of the backward is then autograd's."""
-    acc = accumulation_dtype(logits.dtype)
-    z = logits.to(acc)
-    _, grad, _ = reference.rows_and_grad(options.loss, z, target, weight, alpha, options.ignore_index,
-                                         **options.params())
-    scale = grad_loss.to(acc)
-    if options.reduction == "none":
-        scale = scale[:, None]
-    elif options.reduction == "mean":
-        scale = scale * reference.mean_scale(reference.total_weight(target, weight, options.ignore_index, acc))
-    d_logits = (grad * scale).to(logits.dtype)
-    if not want_target:
-        return d_logits, None
-    d_target = reference.soft_target_grad(z, weight, options.label_smoothing, options.softcap) * scale
-    return d_logits, d_target.to(target.dtype)
-
-
-def _keep_for_backward(ctx, logits, target, weight, alpha, options: LossOptions, output) -> None:
-    _, grad, lse = output
-    ctx.options = options
-    ctx.save_for_backward(grad, logits, target, weight, alpha)
-    ctx.mark_non_differentiable(grad, lse)
-    ctx.set_materialize_grads(False)
-
-
-def _setup_context(ctx, inputs, output):
-    logits, target, weight, alpha, *options = inputs
-    _keep_for_backward(ctx, logits, target, weight, alpha, LossOptions(*options), output)
-    ctx.save_for_forward(output[1])
-
-
-def _backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
-    if grad_loss is None:  # the loss itself took no part in what is differentiated
-        return (None,) + _NO_GRADIENTS
-    grad, logits, target, weight, alpha = ctx.saved_tensors
-    want_target = ctx.needs_input_grad[1]
-    if torch.is_grad_enabled() or want_target:  # create_graph=True, torch.func: a differentiable backward
-        d_logits, d_target = _recomputed_gradients(logits, target, weight, alpha, ctx.options, grad_loss, want_target)
-        return (d_logits, d_target) + _NO_GRADIENTS[1:]
-    return (_scale_gradient(grad, grad_loss, ctx.options.reduction, inplace=False),) + _NO_GRADIENTS
-
-
-def _jvp(ctx, logits_tangent, *_other_tangents):
-    """Forward mode: the loss moves by ⟨g, ż⟩ (per row for "none"); the gradient and lse outputs
-    carry no tangent."""
-    (grad,) = ctx.saved_tensors
-    product = grad * logits_tangent
-    return (product.sum(1) if ctx.options.reduction == "none" else product.sum()), None, None
-
-
-torch.library.register_autograd("ncfast::fused_loss", _backward, setup_context=_setup_context)
-
-
-class _FusedLoss(torch.autograd.Function):
-    """The functional op with its autograd formula, in the form torch.func transforms take
-    (eager mode; under torch.compile the op is called directly)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(logits, target, weight, alpha, *options):
-        if eager(logits):
-            return _fused_loss(logits, target, weight, alpha, *options)
-        return torch.ops.ncfast.fused_loss(logits, target, weight, alpha, *options)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
-    jvp = staticmethod(_jvp)
-
-
-class _FusedLossEager(torch.autograd.Function):
-    """:class:`_FusedLoss` for eager calls outside every torch.func transform: the same
-    formulas in the older form, whose ``apply`` neither binds the arguments through
-    ``inspect.signature`` nor walks nine option arguments (the record travels whole): tens
-    of µs a call, more than a small call's kernel. (Forward mode, ``torch.func.jvp``, runs
-    :class:`_FusedLoss`.)"""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, alpha, options):
-        output = _fused_loss(logits, target, weight, alpha, *options)
-        _keep_for_backward(ctx, logits, target, weight, alpha, options, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)[:5]
-
-
-class _InplaceFusedLoss(torch.autograd.Function):
-    """``inplace_backward=True``: the logits' storage holds the gradient after the forward.
-
-    The op bumps the logits' version counter, so a tensor that autograd saved elsewhere and
-    that shares this storage raises at backward instead of silently using the gradient. The
-    logits themselves are gone, so no second derivative: ``create_graph=True`` raises."""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, alpha, *options):
-        if eager(logits):
-            value, lse = _fused_loss_(logits, target, weight, alpha, *options)
-            torch.autograd.graph.increment_version(logits)  # as the op's dispatcher does for a mutated input
-        else:
-            value, lse = torch.ops.ncfast.fused_loss_(logits, target, weight, alpha, *options)
-        ctx.reduction = LossOptions(*options).reduction
-        ctx.save_for_backward(logits)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
-        return value, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "inplace_backward=True: the logits' storage was overwritten by the gradient, so the loss has no "
-                "second derivative (create_graph=True); call the loss with inplace_backward=False"
-            )
-        if grad_loss is None:
-            return (None,) + _NO_GRADIENTS
-        (grad,) = ctx.saved_tensors
-        return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=True),) + _NO_GRADIENTS
+torch.library.register_autograd("ncfast::fused_loss", loss_autograd.backward, setup_context=loss_autograd.setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,13 +315,13 @@ def _fused(loss, logits, target, weight, inplace_backward, return_lse=False, pro
         _checks.no_internal_overlap("logits", rows_logits, "inplace_backward=True")
         if rows_target.requires_grad and torch.is_grad_enabled():
             raise ValueError("inplace_backward: the gradient of probability targets needs inplace_backward=False")
-        value, lse = _InplaceFusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
+        value, lse = loss_autograd.InplaceFusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
     elif torch.compiler.is_compiling():  # the op, whose autograd is registered: dynamo traces no custom jvp
         value, _, lse = torch.ops.ncfast.fused_loss(rows_logits, rows_target, weight, alpha, *options)
     elif torch._C._functorch.maybe_current_level() is None:  # no torch.func transform around this call
-        value, _, lse = _FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options)
+        value, _, lse = loss_autograd.FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options)
     else:
-        value, _, lse = _FusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
+        value, _, lse = loss_autograd.FusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
     if options.reduction == "none":
         value = value.reshape(sample_shape)
     return (value, lse.reshape(sample_shape)) if return_lse else value
