@@ -38,7 +38,8 @@ def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bo
     no host sync on CUDA). Otherwise the product is a new tensor, so that the graph can be run
     again (``retain_graph``, gradcheck) — except with ``inplace_backward``, which scales in
     place (a second backward then raises, since the stored gradient's version changed)."""
-    factor = grad_loss[:, None] if reduction == "none" else grad_loss
+    # "none": one factor per position, (N, 1) against (N, K), (B, 1, S) against (B, K, S).
+    factor = grad_loss.reshape((grad.shape[0], 1) + grad.shape[2:]) if reduction == "none" else grad_loss
     if reduction != "none" and grad_loss.device.type == "cpu" and eager(grad_loss) and float(grad_loss) == 1.0:
         return grad
     if inplace and not torch.compiler.is_compiling():
@@ -46,25 +47,37 @@ def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bo
     return grad * factor
 
 
+def _class_last(tensor: Tensor) -> Tensor:
+    """(N, K) as it is; (B, K, S) as (B·S, K) rows (positions in b-major order)."""
+    return tensor if tensor.dim() == 2 else tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
+
+
+def _as_layout(rows: Tensor, like: Tensor) -> Tensor:
+    """The inverse of :func:`_class_last`: (B·S, K) rows laid out as ``like``."""
+    return rows if like.dim() == 2 else rows.reshape(like.shape[0], like.shape[2], like.shape[1]).movedim(-1, 1)
+
+
 def _recomputed_gradients(logits, target, weight, alpha, options: LossOptions, grad_loss, want_target: bool):
     """∂/∂logits (and ∂/∂target for probability targets) of grad_loss · loss, recomputed from
-    the logits with differentiable torch ops: the backward of the backward is then autograd's."""
+    the logits with differentiable torch ops: the backward of the backward is then autograd's.
+    Logits (N, K) with target (N,) or probabilities (N, K), or (B, K, S) with (B, S) or (B, K, S)."""
     from . import losses
 
     acc = losses.accumulation_dtype(logits.dtype)
-    z = logits.to(acc)
-    _, grad, _ = reference.rows_and_grad(options.loss, z, target, weight, alpha, options.ignore_index,
+    z = _class_last(logits).to(acc)
+    rows_target = _class_last(target) if target.is_floating_point() else target.reshape(-1)
+    _, grad, _ = reference.rows_and_grad(options.loss, z, rows_target, weight, alpha, options.ignore_index,
                                          **options.params())
     scale = grad_loss.to(acc)
     if options.reduction == "none":
-        scale = scale[:, None]
+        scale = scale.reshape(-1, 1)
     elif options.reduction == "mean":
-        scale = scale * reference.mean_scale(reference.total_weight(target, weight, options.ignore_index, acc))
-    d_logits = (grad * scale).to(logits.dtype)
+        scale = scale * reference.mean_scale(reference.total_weight(rows_target, weight, options.ignore_index, acc))
+    d_logits = _as_layout(grad * scale, logits).to(logits.dtype)
     if not want_target:
         return d_logits, None
     d_target = reference.soft_target_grad(z, weight, options.label_smoothing, options.softcap) * scale
-    return d_logits, d_target.to(target.dtype)
+    return d_logits, _as_layout(d_target, target).to(target.dtype)
 
 
 def _keep_for_backward(ctx, logits, target, weight, alpha, options: LossOptions, output) -> None:
@@ -93,11 +106,11 @@ def backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
 
 
 def jvp(ctx, logits_tangent, *_other_tangents):
-    """Forward mode: the loss moves by ⟨g, ż⟩ (per row for "none"); the gradient and lse outputs
-    carry no tangent."""
+    """Forward mode: the loss moves by ⟨g, ż⟩ (per position for "none"); the gradient and lse
+    outputs carry no tangent."""
     (grad,) = ctx.saved_tensors
     product = grad * logits_tangent
-    return (product.sum(1) if ctx.options.reduction == "none" else product.sum()), None, None
+    return (product.sum(1).reshape(-1) if ctx.options.reduction == "none" else product.sum()), None, None
 
 
 class FusedLoss(torch.autograd.Function):
