@@ -882,6 +882,77 @@ double dispatch(Entry entry, const Call& call, const py::object& grad, const py:
   throw py::type_error("logits: unsupported dtype " + call.dtype);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy against probability targets q (mixup, distillation), as torch defines it:
+// ℓ_i = −Σ_j w_j q'_ij log p_ij with q' = (1−α) q + α/K, whose gradient is
+// g_ij = (Σ_k w_k q'_ik) p_ij − w_j q'_ij. Three sweeps of a cache-resident row: the max and the
+// two target sums, Σ exp(z − max), then the gradient.
+template <bool kCap, typename T>
+void soft_rows(const T* logits, int64_t logits_stride, const T* target, int64_t target_stride, T* grad,
+               int64_t grad_stride, typename acc_of<T>::type* row_loss, typename acc_of<T>::type* row_lse,
+               int64_t begin, int64_t end, int64_t K, const double* class_weight, double label_smoothing,
+               double softcap, double grad_scale) {
+  using A = typename acc_of<T>::type;
+  const A cap = static_cast<A>(softcap), inv_cap = kCap ? static_cast<A>(1.0 / softcap) : A(0);
+  const A keep = static_cast<A>(1.0 - label_smoothing), uniform = static_cast<A>(label_smoothing / K);
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  for (int64_t i = begin; i < end; ++i) {
+    const T* z = logits + i * logits_stride;
+    const T* q = target + i * target_stride;
+    T* g = grad + i * grad_stride;
+    A max = -std::numeric_limits<A>::infinity(), weight_sum = 0, weighted_logits = 0;
+    bool has_nan = false;
+    for (int64_t j = 0; j < K; ++j) {
+      const A zj = load_logit<kCap>(z[j], cap, inv_cap);
+      const A wq = (keep * to_float(q[j]) + uniform) * (class_weight ? static_cast<A>(class_weight[j]) : A(1));
+      has_nan |= zj != zj;
+      max = std::max(max, zj);
+      weight_sum += wq;
+      weighted_logits += wq * zj;
+    }
+    A sumexp = 0;
+    for (int64_t j = 0; j < K; ++j) sumexp += vexp(load_logit<kCap>(z[j], cap, inv_cap) - max);
+    const A lse = max + std::log(sumexp);
+    const bool bad = has_nan || max == std::numeric_limits<A>::infinity();
+    row_loss[i] = bad ? nan : weight_sum * lse - weighted_logits;
+    if (row_lse) row_lse[i] = bad ? nan : lse;
+    const A a = static_cast<A>(grad_scale) * weight_sum / sumexp, scale = static_cast<A>(grad_scale);
+    for (int64_t j = 0; j < K; ++j) {
+      const A zj = load_logit<kCap>(z[j], cap, inv_cap);
+      const A wq = (keep * to_float(q[j]) + uniform) * (class_weight ? static_cast<A>(class_weight[j]) : A(1));
+      const A gj = (a * vexp(zj - max) - scale * wq) * cap_derivative<kCap>(zj, inv_cap);
+      g[j] = from_acc<T>(bad ? nan : gj);
+    }
+  }
+}
+
+template <typename T>
+void run_soft(const py::buffer& logits_obj, const py::buffer& target_obj, const py::buffer& grad_obj,
+              const py::object& row_loss_obj, const py::object& row_lse_obj, const py::object& class_weight_obj,
+              double label_smoothing, double softcap, double grad_scale, int num_threads) {
+  using A = typename acc_of<T>::type;
+  View logits = view_of(logits_obj, "logits", 2, sizeof(T), false);
+  View target = view_of(target_obj, "target", 2, sizeof(T), false);
+  View grad = view_of(grad_obj, "grad", 2, sizeof(T), true);
+  const int64_t N = logits.rows, K = logits.cols;
+  if (target.rows != N || target.cols != K) throw py::value_error("target: shape differs from logits");
+  if (grad.rows != N || grad.cols != K) throw py::value_error("grad: shape differs from logits");
+  A* row_loss = output_vector<A>(row_loss_obj, "row_loss", N);
+  if (!row_loss) throw py::value_error("row_loss: required");
+  A* row_lse = output_vector<A>(row_lse_obj, "row_lse", N);
+  const double* class_weight = optional_vector(class_weight_obj, "weight", K);
+  py::gil_scoped_release release;
+  if (N == 0 || K == 0) return;
+  const int threads = static_cast<int>(
+      std::min<int64_t>({thread_count(num_threads), std::max<int64_t>(1, (N * K) / 65536), N}));
+  parallel_ranges(N, threads, [&](int64_t begin, int64_t end) {
+    auto rows = softcap > 0 ? soft_rows<true, T> : soft_rows<false, T>;
+    rows(static_cast<const T*>(logits.data), logits.row_stride, static_cast<const T*>(target.data),
+         target.row_stride, static_cast<T*>(grad.data), grad.row_stride, row_loss, row_lse, begin, end, K,
+         class_weight, label_smoothing, softcap, grad_scale);
+  });
+}
+
 }  // namespace
 
 void register_losses(py::module_& m) {
@@ -936,6 +1007,32 @@ void register_losses(py::module_& m) {
       py::arg("mean"), py::arg("total_weight"), py::arg("num_threads"),
       "Vocabulary-parallel phase 2: loss and this slice's gradient from the statistics combined "
       "over all slices (stats as written by loss_row_stats, then reduced).");
+  m.def(
+      "soft_cross_entropy_forward",
+      [](const py::buffer& logits, const py::buffer& target, const py::buffer& grad, const py::object& row_loss,
+         const py::object& row_lse, const std::string& dtype, const py::object& class_weight, double label_smoothing,
+         double softcap, double grad_scale, int num_threads) {
+        if (dtype == "float32")
+          return run_soft<float>(logits, target, grad, row_loss, row_lse, class_weight, label_smoothing, softcap,
+                                 grad_scale, num_threads);
+        if (dtype == "float64")
+          return run_soft<double>(logits, target, grad, row_loss, row_lse, class_weight, label_smoothing, softcap,
+                                  grad_scale, num_threads);
+        if (dtype == "bfloat16")
+          return run_soft<bf16>(logits, target, grad, row_loss, row_lse, class_weight, label_smoothing, softcap,
+                                grad_scale, num_threads);
+        if (dtype == "float16")
+          return run_soft<f16>(logits, target, grad, row_loss, row_lse, class_weight, label_smoothing, softcap,
+                               grad_scale, num_threads);
+        throw py::type_error("logits: unsupported dtype " + dtype);
+      },
+      py::arg("logits"), py::arg("target"), py::arg("grad"), py::arg("row_loss"), py::arg("row_lse"),
+      py::arg("dtype"), py::arg("class_weight"), py::arg("label_smoothing"), py::arg("softcap"),
+      py::arg("grad_scale"), py::arg("num_threads"),
+      "Cross-entropy against probability targets, fused with its gradient. logits, target (in the "
+      "logits' dtype), grad: (N, K), rows contiguous; row_loss, row_lse (or None): (N,) fp32 (fp64 "
+      "for fp64 logits) receive ℓ_i and lse_i; class_weight: (K,) float64 or None. Row i of grad is "
+      "grad_scale·∂ℓ_i/∂z_i.");
   m.attr("LOSS_KINDS") = py::make_tuple("cross_entropy", "focal", "rescaled_mse");
 }
 

@@ -29,6 +29,14 @@ def integer(name: str, value) -> int:
     return value
 
 
+def int64(name: str, value) -> int:
+    """An int that fits torch's int64 (class indices and ``ignore_index`` are int64)."""
+    integer(name, value)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name}: expected a value that fits in int64, got {value}")
+    return value
+
+
 def reduction(value: str) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {value!r}")
@@ -64,3 +72,17 @@ def class_vector(name: str, vector, num_classes: int, device: torch.device, main
     if vector.device != device:
         raise ValueError(f"{name}: is on {vector.device} but {main_input} are on {device}")
     return vector
+
+
+def no_internal_overlap(name: str, tensor: Tensor, purpose: str) -> None:
+    """Refuses a tensor two of whose elements share memory (``expand``, some ``as_strided``):
+    an in-place write would put the rows' results over each other (torch refuses those too)."""
+    extent = 1  # elements spanned by the dimensions seen so far, smallest stride first
+    for stride, size in sorted((st, sz) for sz, st in zip(tensor.shape, tensor.stride()) if sz > 1):
+        if stride < extent:
+            raise ValueError(
+                f"{name}: elements overlap in memory (strides {tuple(tensor.stride())} for shape "
+                f"{tuple(tensor.shape)}), so {purpose} cannot write into it; pass a tensor with its own "
+                "storage (e.g. .clone()) or leave it off"
+            )
+        extent += stride * (size - 1)

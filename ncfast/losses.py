@@ -1,17 +1,19 @@
-"""The fused loss family (SPEC §1): cross-entropy with label smoothing, focal loss and rescaled
-MSE, each computing loss and gradient in one pass.
+"""The fused loss family: cross-entropy with label smoothing, focal loss and rescaled MSE
+(Zhou, You, Li, Liu, Liu, Qu, Zhu, NeurIPS 2022, "Are All Losses Created Equal: A Neural
+Collapse Perspective", eq. (3)–(6)), each computing loss and gradient in one pass.
 
 Layers, top to bottom:
 
 * public functions (``cross_entropy``, ``focal_loss``, ``rescaled_mse``) and ``nn.Module``s:
-  argument checking and torch's shape conventions;
-* two ``torch.library`` ops, ``ncfast::fused_loss`` (functional, returns ``(loss, grad)``,
-  with an autograd formula) and ``ncfast::fused_loss_`` (writes the gradient into the logits'
-  own storage, for ``inplace_backward=True``);
+  argument checking (once, into a :class:`~ncfast.loss_options.LossOptions` record) and
+  torch's shape conventions;
+* two ``torch.library`` ops, ``ncfast::fused_loss`` (functional, returns ``(loss, grad, lse)``)
+  and ``ncfast::fused_loss_`` (writes the gradient into the logits' own storage, for
+  ``inplace_backward=True``); the options record is flattened once at the op boundary and
+  rebuilt by name behind it. Their autograd (first and second order, torch.func) is in
+  :mod:`ncfast.loss_autograd`, whose eager route calls the implementations here directly
+  (the custom-op dispatcher costs more than a small call's kernel);
 * backend dispatch to the C++ kernel (CPU), the Triton kernel (CUDA) or the torch reference.
-
-The backward pass only scales the stored gradient by the incoming gradient (a scalar for
-"mean"/"sum", one factor per row for "none"), and skips even that for ``loss.backward()``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _backend, _checks
+from . import _backend, _checks, loss_autograd
+from .loss_options import LOSSES, OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
 
-LOSSES = ("cross_entropy", "focal", "rescaled_mse")
 REDUCTIONS = _checks.REDUCTIONS
+__all__ = ["LOSSES", "LossOptions", "loss_options", "cross_entropy", "focal_loss", "rescaled_mse",
+           "CrossEntropyLoss", "FocalLoss", "RescaledMSELoss", "release_workspace"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,15 +40,17 @@ REDUCTIONS = _checks.REDUCTIONS
 # themselves) and ``lse`` (B·S,), and returns (per-position loss w_y·ℓ (B·S,) in b-major order,
 # Σw of the counted positions)
 # --------------------------------------------------------------------------------------------
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in: float64 for float64 logits, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _as_float64(vector: Optional[Tensor]):
+def as_float64(vector: Optional[Tensor]):
+    """A per-class vector as the C++ kernels read it: a float64 numpy array, or None."""
     return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous().numpy()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -53,15 +59,15 @@ def _num_positions(logits: Tensor) -> int:
     return logits.shape[0] * (logits.shape[2] if logits.dim() == 3 else 1)
 
 
-def _cpp_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
+def _cpp_forward(logits, target, weight, alpha, grad, lse, options, mean):
     from . import _C
 
-    rows = torch.empty(_num_positions(logits), dtype=_accumulation_dtype(logits.dtype))
+    rows = torch.empty(_num_positions(logits), dtype=accumulation_dtype(logits.dtype))
     total = _C.loss_forward(
         _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
-        lse.numpy(), _dtype_name(logits.dtype), LOSSES.index(loss), params["label_smoothing"], params["gamma"],
-        params["kappa"], params["beta"], params["lse_square_scale"], params["softcap"], _as_float64(weight),
-        _as_float64(alpha), ignore_index, mean, torch.get_num_threads(),
+        lse.numpy(), dtype_name(logits.dtype), options.kind, options.label_smoothing, options.gamma,
+        options.kappa, options.beta, options.lse_square_scale, options.softcap, as_float64(weight),
+        as_float64(alpha), options.ignore_index, mean, torch.get_num_threads(),
     )
     return rows, total
 
@@ -71,30 +77,67 @@ def _class_last(logits: Tensor) -> Tensor:
     return logits.movedim(1, -1).reshape(-1, logits.shape[1])
 
 
-def _torch_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
-    z = _class_last(logits).to(_accumulation_dtype(logits.dtype))
+def _torch_forward(logits, target, weight, alpha, grad, lse, options, mean):
+    z = _class_last(logits).to(accumulation_dtype(logits.dtype))
     target = target.reshape(-1)
-    rows, g, row_lse = reference.rows_and_grad(loss, z, target, weight, alpha, ignore_index, **params)
-    total = reference.total_weight(target, weight, ignore_index, z.dtype)
+    rows, g, row_lse = reference.rows_and_grad(options.loss, z, target, weight, alpha, options.ignore_index,
+                                               **options.params())
+    total = reference.total_weight(target, weight, options.ignore_index, z.dtype)
     g = g.reshape(logits.shape[0], logits.shape[2], logits.shape[1]).movedim(-1, 1)
-    grad.copy_(g / total if mean else g)
+    grad.copy_(g * reference.mean_scale(total) if mean else g)
     lse.copy_(row_lse)
     return rows, total
 
 
-def _triton_forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, mean):
+def _triton_forward(logits, target, weight, alpha, grad, lse, options, mean):
     from .triton_kernels import losses as kernels
 
     # The (B, K, S) view as it lies, any strides: the kernel reads class-strided tiles in place
     # and writes the gradient in ``grad``'s own layout (no transposed copy in or out).
-    return kernels.loss_forward(logits, target, weight, alpha, grad, LOSSES.index(loss), params, ignore_index, mean,
-                                lse)
+    return kernels.loss_forward(logits, target, weight, alpha, grad, options.kind, options.params(),
+                                options.ignore_index, mean, lse)
 
 
 _BACKEND_FORWARD = {"cpp": _cpp_forward, "torch": _torch_forward, "triton": _triton_forward}
 
 
-def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
+# Probability targets (cross-entropy only): ℓ_i = −Σ_j w_j q'_ij log p_ij, "mean" divides by N
+# (as torch), g_ij = (Σ_k w_k q'_ik) p_ij − w_j q'_ij. The kernels read q in the logits' dtype.
+def _soft_rows_count(logits: Tensor, mean: bool) -> tuple[Tensor, float]:
+    num_rows = logits.shape[0]
+    total = torch.tensor(float(num_rows), dtype=accumulation_dtype(logits.dtype), device=logits.device)
+    return total, (1.0 / num_rows if mean and num_rows else 1.0)
+
+
+def _cpp_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
+    from . import _C
+
+    total, scale = _soft_rows_count(logits, mean)
+    rows = torch.empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
+    target = target.to(logits.dtype).contiguous()
+    _C.soft_cross_entropy_forward(
+        _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
+        lse.numpy(), dtype_name(logits.dtype), as_float64(weight), options.label_smoothing, options.softcap, scale,
+        torch.get_num_threads(),
+    )
+    return rows, total
+
+
+def _triton_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
+    from .triton_kernels import losses as kernels
+
+    total, scale = _soft_rows_count(logits, mean)
+    target = target.to(logits.dtype).contiguous()
+    rows = kernels.soft_loss_forward(logits, target, weight, grad, options.label_smoothing, options.softcap, scale,
+                                     lse)
+    return rows, total
+
+
+_BACKEND_SOFT_FORWARD = {"cpp": _cpp_soft_forward, "torch": _torch_forward, "triton": _triton_soft_forward}
+
+
+def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raises ValueError naming the first class index outside [0, K) that is not ignore_index."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -104,7 +147,8 @@ def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) ->
         )
 
 
-def _reduce(rows: Tensor, total, reduction: str, dtype: torch.dtype) -> Tensor:
+def reduce_rows(rows: Tensor, total, reduction: str, dtype: torch.dtype) -> Tensor:
+    """The per-row losses reduced as torch does ("mean" divides by ``total``), in ``dtype``."""
     if reduction == "none":
         return rows.to(dtype)
     value = rows.sum()
@@ -113,104 +157,29 @@ def _reduce(rows: Tensor, total, reduction: str, dtype: torch.dtype) -> Tensor:
     return value.to(dtype)
 
 
-def _forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction) -> Tensor:
-    """Fills ``grad`` (laid out as the (B, K, S) ``logits``) with ∂(reduced loss)/∂logits
-    (per-position losses' gradients for "none") and ``lse`` (B·S,) with each position's
-    log-sum-exp, and returns the reduced loss in the logits' dtype. (N, K) logits with (N,)
-    targets are taken as S = 1."""
+def _forward(logits, target, weight, alpha, grad, lse, options: LossOptions) -> Tensor:
+    """Fills ``grad`` (laid out as ``logits``) with ∂(reduced loss)/∂logits (per-position losses'
+    gradients for "none") and ``lse`` (B·S,) with each position's log-sum-exp, and returns the
+    reduced loss in the logits' dtype. Class indices come with (B, K, S) logits and (B, S)
+    targets ((N, K) with (N,) is S = 1); probability targets with (N, K) logits and targets."""
+    backend = _backend.backend_for(logits)
+    mean = options.reduction == "mean"
+    if target.is_floating_point():
+        # The probability-target kernels read and write class-last rows.
+        out = grad if grad.stride(-1) == 1 or grad.shape[1] <= 1 else torch.empty(
+            grad.shape, dtype=grad.dtype, device=grad.device)
+        if logits.stride(-1) != 1 and logits.shape[1] > 1:
+            logits = logits.contiguous()
+        rows, total = _BACKEND_SOFT_FORWARD[backend](logits, target, weight, alpha, out, lse, options, mean)
+        if out is not grad:
+            grad.copy_(out)
+        return reduce_rows(rows, total, options.reduction, logits.dtype)
     if logits.dim() == 2:
         logits, grad, target = logits[:, :, None], grad[:, :, None], target[:, None]
-    backend = _backend.backend_for(logits)
     if backend != "cpp" and target.device.type == "cpu":
-        _check_target_values(target.reshape(-1), logits.shape[1], ignore_index)
-    rows, total = _BACKEND_FORWARD[backend](
-        logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction == "mean"
-    )
-    return _reduce(rows, total, reduction, logits.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# vocabulary parallelism: each rank holds a slice of the K columns
-# --------------------------------------------------------------------------------------------
-def _combine_row_stats(stats: Tensor, loss: str, group) -> None:
-    """All-reduces the per-slice statistics (max, Σexp(z − max), z_y, Σ w_j z_j, NaN flag)
-    into the whole row's: the max first, then the sums rescaled to it."""
-    import torch.distributed as dist
-
-    if loss != "rescaled_mse":
-        global_max = stats[:, 0].clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        rescale = torch.where(stats[:, 1] > 0, torch.exp(stats[:, 0] - global_max), 0.0)
-        stats[:, 1] *= rescale
-        stats[:, 0] = global_max
-    sums = stats[:, 1:].contiguous()
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    stats[:, 1:] = sums
-
-
-def _vocab_parallel_forward(logits, target, weight, grad, lse, loss, params, ignore_index, reduction, group):
-    import torch.distributed as dist
-
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    num_local = logits.shape[1]
-    total_classes, start = num_local * world, rank * num_local
-    if target.device.type == "cpu":
-        _check_target_values(target, total_classes, ignore_index)
-    total = reference.total_weight(target, weight, ignore_index, _accumulation_dtype(logits.dtype))
-    backend = _backend.backend_for(logits)
-    logits = logits.contiguous()
-    if backend == "cpp":
-        from . import _C
-
-        acc = _accumulation_dtype(logits.dtype)
-        stats = torch.empty(logits.shape[0], 5, dtype=acc)
-        common = dict(dtype=_dtype_name(logits.dtype), kind=LOSSES.index(loss),
-                      label_smoothing=params["label_smoothing"], softcap=params["softcap"],
-                      class_weight=_as_float64(weight), ignore_index=ignore_index, vocab_start=start,
-                      total_classes=total_classes, num_threads=torch.get_num_threads())
-        _C.loss_row_stats(_backend.cpu_buffer(logits), _backend.cpu_buffer(target), stats.numpy(), **common)
-        _combine_row_stats(stats, loss, group)
-        rows = torch.empty(logits.shape[0], dtype=acc)
-        _C.loss_from_stats(_backend.cpu_buffer(logits), _backend.cpu_buffer(target), stats.numpy(),
-                           _backend.cpu_buffer(grad), rows.numpy(), lse.numpy(), gamma=params["gamma"],
-                           kappa=params["kappa"], beta=params["beta"], z_loss=params["lse_square_scale"], alpha=None,
-                           mean=reduction == "mean", total_weight=float(total), **common)
-    elif backend == "triton":
-        from .triton_kernels import losses as kernels
-
-        kind = LOSSES.index(loss)
-        stats = kernels.row_stats(logits, target, weight, kind, params, ignore_index, start, total_classes)
-        _combine_row_stats(stats, loss, group)
-        rows, _ = kernels.loss_from_stats(logits, target, stats, weight, None, grad, kind, params, ignore_index,
-                                          reduction == "mean", start, total_classes, lse)
-    else:
-        pieces = [torch.empty_like(logits) for _ in range(world)]
-        dist.all_gather(pieces, logits, group=group)
-        z = torch.cat(pieces, dim=1).to(_accumulation_dtype(logits.dtype))
-        rows, g, row_lse = reference.rows_and_grad(loss, z, target, weight, None, ignore_index, **params)
-        g = g[:, start:start + num_local]
-        grad.copy_(g / total if reduction == "mean" else g)
-        lse.copy_(row_lse)
-    return _reduce(rows, total, reduction, logits.dtype)
-
-
-class _VocabParallelLoss(torch.autograd.Function):
-    """Loss over logits whose K columns are split across the ranks of ``group`` (each holds an
-    equal contiguous slice, rank r columns [r·K_r, (r+1)·K_r)): three all-reduces of N-vectors
-    per forward, none in backward."""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, loss, params, ignore_index, reduction, group):
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        lse = torch.empty(logits.shape[0], dtype=_accumulation_dtype(logits.dtype), device=logits.device)
-        value = _vocab_parallel_forward(logits, target, weight, grad, lse, loss, params, ignore_index, reduction,
-                                        group)
-        _keep_gradient(ctx, grad, reduction, lse)
-        return value, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
-        return _stored_gradient(ctx, grad_loss, inplace=False, other_inputs=7)
+        check_target_values(target.reshape(-1), logits.shape[1], options.ignore_index)
+    rows, total = _BACKEND_FORWARD[backend](logits, target, weight, alpha, grad, lse, options, mean)
+    return reduce_rows(rows, total, options.reduction, logits.dtype)
 
 
 class _GradientWorkspace:
@@ -257,154 +226,77 @@ def _new_gradient(logits: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops
+# torch.library ops: the options record is flattened here, once, and rebuilt by name behind it
 # --------------------------------------------------------------------------------------------
-def _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap) -> dict:
-    return {"label_smoothing": label_smoothing, "gamma": gamma, "kappa": kappa, "beta": beta,
-            "lse_square_scale": lse_square_scale, "softcap": softcap}
+_INPUTS_SCHEMA = "Tensor? weight, Tensor? alpha, " + OPTIONS_SCHEMA
 
 
 def _new_lse(logits: Tensor) -> Tensor:
-    return torch.empty(_num_positions(logits), dtype=_accumulation_dtype(logits.dtype), device=logits.device)
+    return torch.empty(_num_positions(logits), dtype=accumulation_dtype(logits.dtype), device=logits.device)
 
 
-@torch.library.custom_op("ncfast::fused_loss", mutates_args=(), device_types=None)
-def fused_loss(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Optional[Tensor], loss: str,
-    label_smoothing: float, gamma: float, kappa: float, beta: float, ignore_index: int, reduction: str,
-    lse_square_scale: float = 0.0, softcap: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _fused_loss(logits: Tensor, target: Tensor, weight, alpha, *options) -> tuple[Tensor, Tensor, Tensor]:
     """Loss and its gradient in one pass on (B, K, S) ``logits`` (any strides) and (B, S)
-    ``target`` ((N, K) and (N,) are S = 1): ``(loss, grad, lse)`` with ``grad`` of the logits' shape, dtype and layout and
-    ``lse`` (B·S,) each position's log-sum-exp (fp32; fp64 for fp64 logits; 0 for ignored
-    positions and the MSE). ``loss`` is one of :data:`LOSSES`; see :func:`cross_entropy`."""
+    ``target`` ((N, K) and (N,) are S = 1; probability targets are (N, K)): ``(loss, grad, lse)``
+    with ``grad`` of the logits' shape, dtype and layout and ``lse`` (B·S,) each position's
+    log-sum-exp (fp32; fp64 for fp64 logits; 0 for ignored positions and the MSE). ``options``
+    are the fields of :class:`LossOptions`, in order."""
     grad, lse = _new_gradient(logits), _new_lse(logits)
-    params = _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
-    value = _forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction)
+    value = _forward(logits, target, weight, alpha, grad, lse, LossOptions(*options))
     return value, grad, lse
 
 
+def _fused_loss_(logits: Tensor, target: Tensor, weight, alpha, *options) -> tuple[Tensor, Tensor]:
+    """As :func:`_fused_loss`, but the gradient overwrites ``logits``; returns ``(loss, lse)``.
+    Every backend reads each element before it writes its gradient, in any layout."""
+    lse = _new_lse(logits)
+    return _forward(logits, target, weight, alpha, logits, lse, LossOptions(*options)), lse
+
+
+def _loss_shape(logits: Tensor, options) -> tuple:
+    return (_num_positions(logits),) if LossOptions(*options).reduction == "none" else ()
+
+
+fused_loss = torch.library.custom_op(
+    "ncfast::fused_loss", _fused_loss, mutates_args=(), device_types=None,
+    schema=f"(Tensor logits, Tensor target, {_INPUTS_SCHEMA}) -> (Tensor, Tensor, Tensor)",
+)
+fused_loss_ = torch.library.custom_op(
+    "ncfast::fused_loss_", _fused_loss_, mutates_args=("logits",), device_types=None,
+    schema=f"(Tensor(a!) logits, Tensor target, {_INPUTS_SCHEMA}) -> (Tensor, Tensor)",
+)
+
+
 @fused_loss.register_fake
-def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction,
-      lse_square_scale=0.0, softcap=0.0):
-    value = logits.new_empty((_num_positions(logits),) if reduction == "none" else ())
+def _(logits, target, weight, alpha, *options):
+    value = logits.new_empty(_loss_shape(logits, options))
     return value, torch.empty_like(logits), _new_lse(logits)
 
 
-@torch.library.custom_op("ncfast::fused_loss_", mutates_args=("logits",), device_types=None)
-def fused_loss_(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], alpha: Optional[Tensor], loss: str,
-    label_smoothing: float, gamma: float, kappa: float, beta: float, ignore_index: int, reduction: str,
-    lse_square_scale: float = 0.0, softcap: float = 0.0,
-) -> tuple[Tensor, Tensor]:
-    """As :func:`fused_loss`, but the gradient overwrites ``logits``; returns ``(loss, lse)``."""
-    params = _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
-    lse = _new_lse(logits)
-    # Every backend reads each element before it writes its gradient, in any layout.
-    return _forward(logits, target, weight, alpha, logits, lse, loss, params, ignore_index, reduction), lse
-
-
 @fused_loss_.register_fake
-def _(logits, target, weight, alpha, loss, label_smoothing, gamma, kappa, beta, ignore_index, reduction,
-      lse_square_scale=0.0, softcap=0.0):
-    return logits.new_empty((_num_positions(logits),) if reduction == "none" else ()), _new_lse(logits)
+def _(logits, target, weight, alpha, *options):
+    return logits.new_empty(_loss_shape(logits, options)), _new_lse(logits)
 
 
-def _scale_gradient(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, inplace: bool) -> Optional[Tensor]:
-    """grad · grad_loss. The usual ``loss.backward()`` passes exactly 1: then the stored
-    gradient is returned as it is, with no pass over N×K (checked on CPU only: no host sync on
-    CUDA). Otherwise the product is a new tensor, so that the graph can be run again
-    (``retain_graph``, gradcheck) — except with ``inplace_backward``, which scales in place
-    (a second backward then raises, since the stored gradient's version changed)."""
-    if grad_loss is None:  # the loss itself took no part in what is differentiated
-        return None
-    # "none": one factor per position, (B, 1, S) against a (B, K, S) gradient, (N, 1) against (N, K).
-    factor = grad_loss.reshape((grad.shape[0], 1) + grad.shape[2:]) if reduction == "none" else grad_loss
-    if (reduction != "none" and grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
-            and float(grad_loss) == 1.0):
-        return grad
-    if inplace and not torch.compiler.is_compiling():
-        return grad.mul_(factor)
-    return grad * factor
-
-
-def _keep_gradient(ctx, grad: Tensor, reduction: str, *without_gradient: Tensor) -> None:
-    """Saves the forward's gradient for the backward. The other outputs (the lse, the gradient
-    output of the functional op) take no gradient, and autograd need not fill zeros for them."""
-    ctx.reduction = reduction
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(*without_gradient)
-    ctx.set_materialize_grads(False)
-
-
-def _stored_gradient(ctx, grad_loss, inplace: bool, other_inputs: int) -> tuple:
-    (grad,) = ctx.saved_tensors
-    return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace),) + (None,) * other_inputs
-
-
-def _setup_context(ctx, inputs, output):
-    _keep_gradient(ctx, output[1], inputs[10], output[1], output[2])
-
-
-def _backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
-    return _stored_gradient(ctx, grad_loss, inplace=False, other_inputs=12)
-
-
-torch.library.register_autograd("ncfast::fused_loss", _backward, setup_context=_setup_context)
-
-
-class _InplaceFusedLoss(torch.autograd.Function):
-    """``inplace_backward=True``: the logits' storage holds the gradient after the forward.
-
-    The op bumps the logits' version counter, so a tensor that autograd saved elsewhere and
-    that shares this storage raises at backward instead of silently using the gradient."""
-
-    @staticmethod
-    def forward(ctx, logits, *args):
-        value, lse = torch.ops.ncfast.fused_loss_(logits, *args)
-        _keep_gradient(ctx, logits, args[9], lse)
-        return value, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
-        return _stored_gradient(ctx, grad_loss, inplace=True, other_inputs=12)
+torch.library.register_autograd("ncfast::fused_loss", loss_autograd.backward, setup_context=loss_autograd.setup_context)
 
 
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-def loss_options(loss: str, num_classes: int, device: torch.device, label_smoothing=0.0, gamma=0.0, alpha=None,
-                 kappa=1.0, beta=0.0, lse_square_scale=0.0, softcap=None) -> tuple[dict, Optional[Tensor]]:
-    """Checks the hyper-parameters of ``loss`` (the others keep their neutral values) and returns
-    them as the ops' keyword arguments, with ``alpha`` as a float64 (K,) tensor or None."""
-    params = _params(0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
-    if loss == "cross_entropy":
-        params["label_smoothing"] = _checks.finite_float("label_smoothing", label_smoothing, lambda a: 0 <= a < 1,
-                                                         "a value in [0, 1)")
-        params["lse_square_scale"] = _checks.finite_float("lse_square_scale", lse_square_scale, lambda v: v >= 0,
-                                                          "a finite value >= 0")
-        if softcap is not None:
-            params["softcap"] = _checks.finite_float("softcap", softcap, lambda v: v > 0, "None or a finite value > 0")
-    elif loss == "focal":
-        params["gamma"] = _checks.finite_float("gamma", gamma, lambda g: g >= 0, "a finite value >= 0")
-        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-            value = _checks.finite_float("alpha", alpha, lambda a: True, "a finite value")
-            alpha = torch.full((num_classes,), value, dtype=torch.float64, device=device)
-        elif alpha is not None and not isinstance(alpha, Tensor):
-            alpha = torch.as_tensor(alpha, dtype=torch.float64, device=device)
-    else:
-        params["kappa"] = _checks.finite_float("kappa", kappa, lambda k: k > 0, "a finite value > 0")
-        params["beta"] = _checks.finite_float("beta", beta, lambda b: True, "a finite value")
-    return params, alpha
-
-
 def _as_rows(logits: Tensor, target: Tensor):
     """torch's conventions: (K,) with a scalar target, (N, K) with (N,), or (N, K, d1, ...)
-    with (N, d1, ...). Returns the logits as a (B, K, S) view with their own strides (S = d1·d2·…,
-    1 for (N, K); a copy only where the trailing dims cannot be flattened in place), the
-    target as (B, S) int64 and the shape of a per-sample output."""
+    with (N, d1, ...); probability targets have the logits' shape. Returns, for class indices,
+    the logits as a (B, K, S) view with their own strides (S = d1·d2·…, 1 for (N, K); a copy only
+    where the trailing dims cannot be flattened in place) and the target as (B, S) int64; for
+    probability targets (N·d1·…, K) class-last logits and targets; and the shape of a
+    per-sample output."""
     _checks.float_tensor("logits", logits, "(N, K)")
-    _checks.class_indices("target", target, " (probability targets are not supported)")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target: expected a tensor, got {type(target).__name__}")
+    soft = target.is_floating_point()
+    if not soft:
+        _checks.class_indices("target", target)
     if target.device != logits.device:
         raise ValueError(f"target: is on {target.device} but logits are on {logits.device}")
     if logits.dim() == 0:
@@ -413,15 +305,24 @@ def _as_rows(logits: Tensor, target: Tensor):
         expected = ()
     else:
         expected = (logits.shape[0],) + tuple(logits.shape[2:])
-    if tuple(target.shape) != expected:
+    if soft and target.shape != logits.shape:
+        raise TypeError(f"target: expected integer class indices of shape {expected} or probabilities of the "
+                        f"logits' shape {tuple(logits.shape)}, got {target.dtype} of shape {tuple(target.shape)}")
+    if not soft and tuple(target.shape) != expected:
         raise ValueError(f"target: expected shape {expected} for logits of shape {tuple(logits.shape)}, got {tuple(target.shape)}")
     num_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
     if num_classes == 0:
         raise ValueError("logits: the class dimension is empty (K = 0)")
     if logits.dim() == 1:
-        logits = logits[None, :, None]
+        logits = logits[None] if soft else logits[None, :, None]
+        target = target[None] if soft else target
+    elif soft:
+        logits = logits.movedim(1, -1).reshape(-1, num_classes)
+        target = target.movedim(1, -1).reshape(-1, num_classes)
     else:
         logits = logits.reshape(logits.shape[0], num_classes, math.prod(logits.shape[2:]))
+    if soft:
+        return logits, target, expected
     return logits, target.reshape(logits.shape[0], logits.shape[2]).to(torch.int64), expected
 
 
@@ -432,39 +333,52 @@ def _flattens_in_place(logits: Tensor) -> bool:
     return all(outer[1] == inner[1] * inner[0] for outer, inner in zip(dims, dims[1:]))
 
 
-def _fused(loss, logits, target, weight, ignore_index, reduction, inplace_backward, return_lse=False,
-           process_group=None, **options):
-    _checks.reduction(reduction)
-    _checks.integer("ignore_index", ignore_index)
+def _fused(loss, logits, target, weight, inplace_backward, return_lse=False, process_group=None, **arguments):
     rows_logits, rows_target, sample_shape = _as_rows(logits, target)
     num_classes = rows_logits.shape[1]
-    if process_group is not None:
-        import torch.distributed as dist
-
-        num_classes *= dist.get_world_size(process_group)
-    params, alpha = loss_options(loss, num_classes, logits.device, **options)
-    if weight is not None:
+    options, alpha = loss_options(loss, num_classes, logits.device, **arguments)
+    if rows_target.is_floating_point():
+        _check_soft_target(options, process_group, inplace_backward)
+    if weight is not None and process_group is None:  # else the ranks' slices give K
         weight = _checks.class_vector("weight", weight, num_classes, logits.device, "logits")
     if alpha is not None:
         alpha = _checks.class_vector("alpha", alpha, num_classes, logits.device, "logits")
     if process_group is not None:
+        from . import vocab_parallel
+
         if inplace_backward:
             raise ValueError("inplace_backward: not supported together with process_group")
-        value, lse = _VocabParallelLoss.apply(_class_last(rows_logits), rows_target.reshape(-1), weight, loss, params,
-                                              ignore_index, reduction, process_group)
+        value, lse = vocab_parallel.loss(_class_last(rows_logits), rows_target.reshape(-1), weight, options,
+                                         process_group)
+    elif inplace_backward:
+        soft = rows_target.is_floating_point()
+        if logits.dim() > 2 and (soft or not _flattens_in_place(logits)):
+            raise ValueError(f"inplace_backward: logits of shape {tuple(logits.shape)} with strides {logits.stride()} "
+                             "cannot be used in place here (probability targets, or trailing dims that do not "
+                             "flatten without a copy); make the logits (N, K) or contiguous first")
+        _checks.no_internal_overlap("logits", rows_logits, "inplace_backward=True")
+        if soft and rows_target.requires_grad and torch.is_grad_enabled():
+            raise ValueError("inplace_backward: the gradient of probability targets needs inplace_backward=False")
+        value, lse = loss_autograd.InplaceFusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
+    elif torch.compiler.is_compiling():  # the op, whose autograd is registered: dynamo traces no custom jvp
+        value, _, lse = torch.ops.ncfast.fused_loss(rows_logits, rows_target, weight, alpha, *options)
+    elif torch._C._functorch.maybe_current_level() is None:  # no torch.func transform around this call
+        value, _, lse = loss_autograd.FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options)
     else:
-        args = (rows_target, weight, alpha, loss, params["label_smoothing"], params["gamma"], params["kappa"],
-                params["beta"], ignore_index, reduction, params["lse_square_scale"], params["softcap"])
-        if inplace_backward:
-            if not _flattens_in_place(logits):
-                raise ValueError(f"inplace_backward: the trailing dims of logits {tuple(logits.shape)} with strides "
-                                 f"{logits.stride()} cannot be flattened in place; make the logits contiguous first")
-            value, lse = _InplaceFusedLoss.apply(rows_logits, *args)
-        else:
-            value, _, lse = torch.ops.ncfast.fused_loss(rows_logits, *args)
-    if reduction == "none":
+        value, _, lse = loss_autograd.FusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
+    if options.reduction == "none":
         value = value.reshape(sample_shape)
     return (value, lse.reshape(sample_shape)) if return_lse else value
+
+
+def _check_soft_target(options: LossOptions, process_group, inplace_backward) -> None:
+    if options.loss != "cross_entropy":
+        raise TypeError(f"target: probability targets are defined for cross-entropy only; {options.loss} takes "
+                        "integer class indices")
+    if options.lse_square_scale:
+        raise ValueError("lse_square_scale: the z-loss is defined for class-index targets only")
+    if process_group is not None:
+        raise ValueError("process_group: vocabulary parallelism takes class-index targets only")
 
 
 def cross_entropy(
@@ -474,71 +388,82 @@ def cross_entropy(
     process_group=None,
 ):
     """Cross-entropy with label smoothing, fused with its gradient; a drop-in for
-    :func:`torch.nn.functional.cross_entropy` with class-index targets.
+    :func:`torch.nn.functional.cross_entropy` (class-index and probability targets).
 
-    ℓ_i = lse(z_i) − Σ_j q_j z_ij with q = (1−α)e_y + α/K (seed 002 eq. (3), (5)), plus the
-    z-loss λ·lse(z_i)² when ``lse_square_scale`` = λ > 0.
+    ℓ_i = lse(z_i) − Σ_j q_j z_ij with q = (1−α)e_y + α/K (Zhou et al. 2022, eq. (3), (5)), plus
+    the z-loss λ·lse(z_i)² when ``lse_square_scale`` = λ > 0. With probability targets q_i
+    (mixup, distillation), ℓ_i = −Σ_j w_j q'_ij log p_ij, q' = (1−α) q_i + α/K, as torch.
 
     Args:
         logits: (N, K), (K,) or (N, K, d1, ...), float32/float64/bfloat16/float16.
-        target: (N,), () or (N, d1, ...) integer class indices in [0, K) or ``ignore_index``.
-        weight: optional (K,) class weights; "mean" divides by Σ_i w_{y_i}, as torch does.
+        target: (N,), () or (N, d1, ...) integer class indices in [0, K) or ``ignore_index``;
+            or probabilities of the logits' shape (any float dtype; ``ignore_index`` does not
+            apply, "mean" divides by the number of samples, and the target gets a gradient
+            when it requires one).
+        weight: optional (K,) class weights, of any floating dtype (torch requires the logits'
+            dtype; here it is read at the accumulation precision, fp32 or fp64); "mean"
+            divides by Σ_i w_{y_i}, as torch does.
         ignore_index: rows with this target have loss 0, gradient 0 and do not count in "mean".
         reduction: "mean", "sum" or "none" (per-sample losses of the target's shape).
-        label_smoothing: α in [0, 1).
+        label_smoothing: α in [0, 1].
         inplace_backward: write the gradient into ``logits``' storage (saves an N×K buffer;
-            ``logits`` holds the gradient afterwards).
+            ``logits`` holds the gradient afterwards; no second derivative; logits whose
+            elements overlap in memory, e.g. ``expand``-ed, are refused).
         lse_square_scale: λ ≥ 0 of the z-loss λ·lse² (PaLM), which keeps the log-partition near 0.
-        softcap: if given (> 0), the logits are first capped to softcap·tanh(z/softcap) (Gemma 2).
+        softcap: if given (≥ 1e-30), the logits are first capped to softcap·tanh(z/softcap) (Gemma 2).
         return_lse: also return each sample's log-sum-exp (fp32; fp64 for fp64 logits; 0 for
             ignored samples), as a tensor that does not take gradients.
         process_group: a ``torch.distributed`` group across which the classes are split: each
-            rank passes its (N, K/world) slice of the logits, rank r holding columns
-            [r·K/world, (r+1)·K/world); targets and ``weight`` are global. Every rank gets the
-            loss of the full rows and the gradient of its slice.
+            rank passes its (N, K_r) slice of the logits, the slices in rank order (they may
+            differ in size); targets and ``weight`` are global. Every rank gets the loss of the
+            full rows and the gradient of its slice.
 
     Returns: the loss, in the logits' dtype (and the lse with ``return_lse``). A row with NaN or
     +inf among its logits has loss and gradient NaN (as torch); −inf logits are masked classes.
+    First and second derivatives (``create_graph=True``) and torch.func transforms work.
     """
-    return _fused("cross_entropy", logits, target, weight, ignore_index, reduction, inplace_backward,
-                  return_lse=return_lse, process_group=process_group, label_smoothing=label_smoothing,
-                  lse_square_scale=lse_square_scale, softcap=softcap)
+    return _fused("cross_entropy", logits, target, weight, inplace_backward, return_lse=return_lse,
+                  process_group=process_group, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
 
 
 def focal_loss(
     logits: Tensor, target: Tensor, gamma: float = 2.0, alpha: Union[None, float, Sequence[float], Tensor] = None,
     weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean", inplace_backward: bool = False,
 ) -> Tensor:
-    """Focal loss ℓ_i = −α_{y_i} (1−p_{y_i})^γ log p_{y_i} (seed 002 eq. (6); Lin et al.), fused
-    with its gradient. γ = 0 is cross-entropy exactly; stays finite as p_y → 1 for every γ ≥ 0.
+    """Focal loss ℓ_i = −α_{y_i} (1−p_{y_i})^γ log p_{y_i} (Zhou et al. 2022, eq. (6); Lin et al.),
+    fused with its gradient. γ = 0 is cross-entropy exactly; stays finite as p_y → 1 for every γ ≥ 0.
 
     Args:
-        logits, target, weight, ignore_index, reduction, inplace_backward: as :func:`cross_entropy`.
+        logits, target, weight, ignore_index, reduction, inplace_backward: as :func:`cross_entropy`
+            (class-index targets only).
         gamma: the focusing parameter γ ≥ 0.
         alpha: optional per-class factor α_t, a (K,) tensor or sequence, or one float for all
             classes; it scales ℓ and g but not the "mean" divisor (which is Σ w_y).
     """
-    return _fused("focal", logits, target, weight, ignore_index, reduction, inplace_backward, gamma=gamma,
-                  alpha=alpha)
+    return _fused("focal", logits, target, weight, inplace_backward, ignore_index=ignore_index, reduction=reduction,
+                  gamma=gamma, alpha=alpha)
 
 
 def rescaled_mse(
     logits: Tensor, target: Tensor, kappa: float = 1.0, beta: float = 1.0, weight: Optional[Tensor] = None,
     ignore_index: int = -100, reduction: str = "mean", inplace_backward: bool = False,
 ) -> Tensor:
-    """Rescaled MSE ℓ_i = κ(z_{i,y} − β)² + Σ_{j≠y} z_ij² (seed 002 eq. (6); seed 000 eq. (4)
-    writes (α, M) = (κ, β)); κ = β = 1 is the MSE against one-hot targets, summed over classes.
+    """Rescaled MSE ℓ_i = κ(z_{i,y} − β)² + Σ_{j≠y} z_ij² (Zhou et al. 2022, eq. (6); Zhou, Li,
+    Ding, You, Qu, Zhu, ICML 2022, eq. (4), writes (α, M) = (κ, β)); κ = β = 1 is the MSE
+    against one-hot targets, summed over classes.
 
     "mean" averages the per-sample loss over samples (Σ w_y ℓ / Σ w_y), not over N·K elements
     as :func:`torch.nn.functional.mse_loss` does.
 
     Args:
-        logits, target, weight, ignore_index, reduction, inplace_backward: as :func:`cross_entropy`.
+        logits, target, weight, ignore_index, reduction, inplace_backward: as :func:`cross_entropy`
+            (class-index targets only).
         kappa: weight κ > 0 of the target coordinate.
         beta: target value β of the true-class logit.
     """
-    return _fused("rescaled_mse", logits, target, weight, ignore_index, reduction, inplace_backward, kappa=kappa,
-                  beta=beta)
+    return _fused("rescaled_mse", logits, target, weight, inplace_backward, ignore_index=ignore_index,
+                  reduction=reduction, kappa=kappa, beta=beta)
 
 
 class _LossModule(torch.nn.Module):
@@ -554,13 +479,16 @@ class CrossEntropyLoss(_LossModule):
     """Module form of :func:`cross_entropy`; a drop-in for :class:`torch.nn.CrossEntropyLoss`."""
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, inplace_backward: bool = False):
+                 label_smoothing: float = 0.0, inplace_backward: bool = False, lse_square_scale: float = 0.0,
+                 softcap: Optional[float] = None):
         super().__init__(weight, ignore_index, reduction, inplace_backward)
         self.label_smoothing = label_smoothing
+        self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                             self.label_smoothing, self.inplace_backward)
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+                             self.inplace_backward, self.lse_square_scale, self.softcap)
 
 
 class FocalLoss(_LossModule):
@@ -571,7 +499,7 @@ class FocalLoss(_LossModule):
                  inplace_backward: bool = False):
         super().__init__(weight, ignore_index, reduction, inplace_backward)
         self.gamma = gamma
-        if alpha is not None and not isinstance(alpha, (int, float)):
+        if isinstance(alpha, (list, tuple)):
             alpha = torch.as_tensor(alpha, dtype=torch.float64)
         if isinstance(alpha, Tensor):
             self.register_buffer("alpha", alpha)

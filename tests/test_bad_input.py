@@ -79,7 +79,7 @@ COMMON_LOSS_CASES = {
 HYPER_CASES = {
     "cross_entropy": {
         "label_smoothing-negative": (dict(label_smoothing=-0.1), ValueError),
-        "label_smoothing-one": (dict(label_smoothing=1.0), ValueError),
+        "label_smoothing-above-one": (dict(label_smoothing=1.5), ValueError),
         "label_smoothing-nan": (dict(label_smoothing=math.nan), ValueError),
         "label_smoothing-str": (dict(label_smoothing="0.1"), TypeError),
         "label_smoothing-tensor": (dict(label_smoothing=torch.tensor(0.1)), TypeError),
@@ -278,7 +278,7 @@ LINEAR_CASES = {
     "chunk_memory-float": (dict(chunk_memory=1e6), TypeError, "chunk_memory"),
 }
 LINEAR_HYPER = {
-    "linear_cross_entropy": {"label_smoothing": [(-0.2, ValueError), (1.0, ValueError), (math.inf, ValueError)],
+    "linear_cross_entropy": {"label_smoothing": [(-0.2, ValueError), (1.5, ValueError), (math.inf, ValueError)],
                              "lse_square_scale": [(-1.0, ValueError), (math.nan, ValueError)],
                              "softcap": [(0.0, ValueError), (-1.0, ValueError)]},
     "linear_focal_loss": {"gamma": [(-1.0, ValueError), (math.nan, ValueError), ("2", TypeError)],
@@ -491,7 +491,7 @@ OTHER_CASES = {
     "ufm-loss": (lambda: ufm.solve(3, 2, 3, loss="hinge"), ValueError, "loss"),
     "ufm-loss-kwarg": (lambda: ufm.solve(3, 2, 3, loss="ce", gamma=2.0), ValueError, "loss"),
     "ufm-gamma-negative": (lambda: ufm.solve(3, 2, 3, loss="focal", gamma=-1.0), ValueError, "gamma"),
-    "ufm-label_smoothing-one": (lambda: ufm.solve(3, 2, 3, loss="ls", label_smoothing=1.0), ValueError,
+    "ufm-label_smoothing-one": (lambda: ufm.solve(3, 2, 3, loss="ls", label_smoothing=1.5), ValueError,
                                 "label_smoothing"),
     "ufm-kappa-zero": (lambda: ufm.solve(3, 2, 3, loss="mse", kappa=0.0), ValueError, "kappa"),
     "ufm-beta-nan": (lambda: ufm.solve(3, 2, 3, loss="mse", beta=math.nan), ValueError, "beta"),
@@ -566,7 +566,7 @@ CLI_CASES = {
     "train-lr-0": (lambda p: ["train", "--lr", "0", "--out", str(p)], "lr"),
     "train-lr-nan": (lambda p: ["train", "--lr", "nan", "--out", str(p)], "lr"),
     "train-gamma-negative": (lambda p: ["train", "--loss", "focal", "--gamma", "-1", "--out", str(p)], "gamma"),
-    "train-label-smoothing-one": (lambda p: ["train", "--loss", "ls", "--label-smoothing", "1", "--out", str(p)],
+    "train-label-smoothing-above-one": (lambda p: ["train", "--loss", "ls", "--label-smoothing", "1.5", "--out", str(p)],
                                   "label_smoothing"),
     "train-kappa-zero": (lambda p: ["train", "--loss", "mse", "--kappa", "0", "--out", str(p)], "kappa"),
     "train-missing-data-dir": (lambda p: ["train", "--dataset", "mnist", "--data-dir", str(p / "none"),

@@ -5,6 +5,7 @@ import torch
 
 import ncfast
 from ncfast import linear
+from ncfast.loss_options import LossOptions
 from ncfast.reference.linear import linear_loss
 
 FUNCTIONS = {
@@ -228,7 +229,7 @@ def test_opcheck():
     features, weight, bias, target = _problem(num_rows=9, dim=4, num_classes=6)
     for reduction, flags in (("mean", (True, True, True)), ("none", (False, False, False))):
         args = (features.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True), target, None,
-                None, "cross_entropy", 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -100, reduction, 4, None, *flags)
+                None, 4, None, *flags, *LossOptions(reduction=reduction))
         torch.library.opcheck(torch.ops.ncfast.fused_linear_loss, args)
 
 
@@ -258,7 +259,8 @@ def _bad_inputs():
     yield "bias", TypeError, dict(bias=b.half())
     yield "bias", ValueError, dict(bias=b.to("meta"))
     yield "target", ValueError, dict(target=t[:-1])
-    yield "target", TypeError, dict(target=t.float())
+    yield "target", TypeError, dict(target=t.float())  # probabilities, of the wrong shape
+    yield "target", TypeError, dict(target=t.bool())
     yield "target", ValueError, dict(target=t.to("meta"))
     yield "target", ValueError, dict(target=torch.full_like(t, 13))
     yield "class_weight", ValueError, dict(class_weight=torch.ones(5))
@@ -267,7 +269,8 @@ def _bad_inputs():
     yield "ignore_index", TypeError, dict(ignore_index=1.5)
     yield "chunk_memory", ValueError, dict(chunk_memory=0)
     yield "chunk_memory", TypeError, dict(chunk_memory=1.0)
-    yield "label_smoothing", ValueError, dict(label_smoothing=1.0)
+    yield "label_smoothing", ValueError, dict(label_smoothing=1.5)
+    yield "ignore_index", ValueError, dict(ignore_index=2**63)
 
 
 @pytest.mark.parametrize("name,error,change", list(_bad_inputs()), ids=lambda x: x if isinstance(x, str) else None)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import ncfast
+from ncfast.loss_options import LossOptions
 from ncfast.reference import losses as reference
 
 BACKENDS = ncfast.available_backends()
@@ -348,9 +349,9 @@ def test_opcheck():
         for op in [torch.ops.ncfast.fused_loss.default, torch.ops.ncfast.fused_loss_.default]:
             for loss in ["cross_entropy", "focal", "rescaled_mse"]:
                 for reduction in ["mean", "none"]:
-                    args = (z.clone(), t, weight, None, loss, 0.1 if loss == "cross_entropy" else 0.0, 2.0, 1.0,
-                            15.0, -100, reduction)
-                    torch.library.opcheck(op, args)
+                    options = LossOptions(loss, label_smoothing=0.1 if loss == "cross_entropy" else 0.0, gamma=2.0,
+                                          kappa=1.0, beta=15.0, reduction=reduction)
+                    torch.library.opcheck(op, (z.clone(), t, weight, None, *options))
 
 
 @pytest.mark.parametrize("inplace_backward", [False, True])
@@ -376,7 +377,8 @@ def test_torch_compile_fullgraph(inplace_backward):
 BAD_INPUTS = [
     ("target", dict(target=torch.tensor([0, 7, 1])), ValueError, "target: value 7 at index 1"),
     ("target", dict(target=torch.tensor([0, -1, 1])), ValueError, "target: value -1"),
-    ("target", dict(target=torch.tensor([0.0, 1.0, 2.0])), TypeError, "target: expected integer"),
+    ("target", dict(target=torch.tensor([0.0, 1.0, 2.0])), TypeError, "target: expected integer class indices of shape"),
+    ("target", dict(target=torch.tensor([True, False, True])), TypeError, "target: expected integer"),
     ("target", dict(target=torch.tensor([0, 1])), ValueError, "target: expected shape"),
     ("target", dict(target=torch.tensor([0, 1, 2], device="meta")), ValueError, "target: is on meta"),
     ("logits", dict(logits=torch.ones(3, 7, dtype=torch.int64)), TypeError, "logits: expected float32"),
@@ -399,7 +401,7 @@ def test_bad_input_names_the_argument(backend, argument, change, error, message)
 @pytest.mark.parametrize(
     "fn, kwargs, message",
     [
-        (ncfast.cross_entropy, dict(label_smoothing=1.0), "label_smoothing"),
+        (ncfast.cross_entropy, dict(label_smoothing=1.01), "label_smoothing"),
         (ncfast.cross_entropy, dict(label_smoothing=-0.1), "label_smoothing"),
         (ncfast.cross_entropy, dict(label_smoothing=math.nan), "label_smoothing"),
         (ncfast.focal_loss, dict(gamma=-1.0), "gamma"),

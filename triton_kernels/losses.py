@@ -498,3 +498,88 @@ def loss_from_stats(logits, target, stats, weight, alpha, grad, kind, params, ig
     the whole row's loss, lse and Σw."""
     return _launch(FROM_STATS, logits, target, weight, alpha, grad, stats, lse, kind, params, ignore_index, mean,
                    vocab_start, total_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# probability targets (cross-entropy only)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _soft_target_block(target_ptr, cols, in_row, class_weight_ptr, keep, uniform, ACC: tl.constexpr,
+                       HAS_WEIGHT: tl.constexpr):
+    """w_j q'_j over one column block, q' = (1−α) q + α/K; 0 outside the row."""
+    wq = keep * tl.load(target_ptr + cols, mask=in_row, other=0.0).to(ACC) + uniform
+    if HAS_WEIGHT:
+        wq = wq * tl.load(class_weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+    return tl.where(in_row, wq, 0.0)
+
+
+@triton.autotune(configs=_configs(), key=["K", "BLOCK"])
+@triton.jit
+def _soft_loss_kernel(
+    logits_ptr, logits_stride, target_ptr, target_stride, class_weight_ptr, grad_ptr, grad_stride, row_loss_ptr,
+    lse_ptr, K, label_smoothing, softcap, grad_scale,
+    HAS_WEIGHT: tl.constexpr, CAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One row: ℓ = (Σ_j w_j q'_j)·lse − Σ_j w_j q'_j z_j and g_j = scale·((Σ_k w_k q'_k) p_j − w_j q'_j),
+    the second sweep recomputing exp (online max / sum-exp over column blocks in the first)."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = logits_ptr + row * logits_stride
+    q_row = target_ptr + row * target_stride
+    keep = 1.0 - _scalar(label_smoothing, ACC)
+    uniform = _scalar(label_smoothing, ACC) / K
+    cap = _scalar(softcap, ACC)
+    row_max = tl.full([], float("-inf"), ACC)
+    sumexp = tl.zeros([], ACC)
+    weight_sum = tl.zeros([], ACC)
+    weighted_logits = tl.zeros([], ACC)
+    has_nan = tl.zeros([], tl.int32)
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < K
+        z = _load_logits(z_row + cols, in_row, float("-inf"), cap, ACC, CAP)
+        wq = _soft_target_block(q_row, cols, in_row, class_weight_ptr, keep, uniform, ACC, HAS_WEIGHT)
+        has_nan = tl.maximum(has_nan, tl.max((z != z).to(tl.int32)))
+        block_max = tl.max(tl.where(z != z, float("-inf"), z))
+        shift = tl.where(block_max == float("-inf"), 0.0, block_max)
+        block_sumexp = tl.sum(tl.where(in_row, tl.exp(z - shift), 0.0))
+        row_max, sumexp = _merge_sumexp(row_max, sumexp, block_max, block_sumexp)
+        weight_sum += tl.sum(wq)
+        weighted_logits += tl.sum(tl.where(in_row, wq * z, 0.0))
+    lse = row_max + tl.log(sumexp)
+    bad = (has_nan > 0) | (row_max == float("inf"))
+    tl.store(row_loss_ptr + row, tl.where(bad, float("nan"), weight_sum * lse - weighted_logits))
+    tl.store(lse_ptr + row, tl.where(bad, float("nan"), lse))
+    scale = _scalar(grad_scale, ACC)
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < K
+        z = _load_logits(z_row + cols, in_row, float("-inf"), cap, ACC, CAP)
+        wq = _soft_target_block(q_row, cols, in_row, class_weight_ptr, keep, uniform, ACC, HAS_WEIGHT)
+        g = scale * (weight_sum * tl.exp(z - lse) - wq)
+        if CAP:
+            g = g * (1.0 - (z / cap) * (z / cap))
+        g = tl.where(bad, float("nan"), g)
+        tl.store(grad_ptr + row * grad_stride + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def soft_loss_forward(logits, target, weight, grad, label_smoothing, softcap, grad_scale, lse):
+    """Cross-entropy against probability targets q (N, K), as torch defines it: fills ``grad``
+    (N, K) with grad_scale·∂ℓ_i/∂z_i, g_ij = (Σ_k w_k q'_ik) p_ij − w_j q'_ij, q' = (1−α) q + α/K,
+    and ``lse`` (N,) with each row's log-sum-exp; returns the per-row losses (N,) in fp32 (fp64
+    for fp64 logits). logits, target, grad with unit column stride (grad may be ``logits``);
+    weight (K,) or None; softcap 0: off."""
+    num_rows, num_classes = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    row_loss = torch.empty(num_rows, dtype=acc, device=logits.device)
+    if num_rows == 0:
+        return row_loss
+    if weight is not None:
+        weight = weight.detach().to(logits.device, acc).contiguous()
+    block = min(triton.next_power_of_2(num_classes), MAX_BLOCK // (2 if acc == torch.float64 else 1))
+    _soft_loss_kernel[(num_rows,)](
+        logits, logits.stride(0), target, target.stride(0), row_loss if weight is None else weight, grad,
+        grad.stride(0), row_loss, lse, num_classes, float(label_smoothing), float(softcap), float(grad_scale),
+        HAS_WEIGHT=weight is not None, CAP=softcap > 0, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK=block,
+    )
+    return row_loss

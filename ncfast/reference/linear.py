@@ -13,11 +13,14 @@ def linear_loss(features, weight, bias, target, loss="cross_entropy", class_weig
                 lse_square_scale=0.0, softcap=None):
     """``<loss>(features @ weight.T + bias, target)`` with every logit materialised.
 
-    features (N, d), weight (K, d), bias (K,) or None, target (N,); ``loss`` is one of
+    features (N, d), weight (K, d), bias (K,) or None, target (N,) class indices or (N, K)
+    probabilities (cross-entropy); ``loss`` is one of
     "cross_entropy", "focal", "rescaled_mse". Returns the reduced loss (a (N,) tensor for
     reduction="none")."""
     logits = torch.nn.functional.linear(features, weight, bias)
-    if loss == "cross_entropy":
+    if loss == "cross_entropy" and target.is_floating_point():
+        rows = losses.soft_cross_entropy_rows(logits, target, class_weight, label_smoothing, softcap or 0.0)
+    elif loss == "cross_entropy":
         rows = losses.cross_entropy_rows(logits, target, class_weight, ignore_index, label_smoothing, lse_square_scale,
                                          softcap or 0.0)
     elif loss == "focal":

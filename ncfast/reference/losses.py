@@ -1,7 +1,10 @@
-"""Reference loss formulas (Zhou et al., NeurIPS 2022, eq. (3)–(6)), written plainly in torch;
-autograd gives their gradients.
+"""Reference loss formulas, written plainly in torch; autograd gives their gradients.
 
-Each returns the per-row loss ``w_{y_i}·ℓ_i`` (0 for ignored rows) and is differentiable."""
+Cross-entropy with label smoothing, focal loss and rescaled MSE as in Zhou, You, Li, Liu, Liu,
+Qu, Zhu (NeurIPS 2022) "Are All Losses Created Equal: A Neural Collapse Perspective", eq. (3)–(6).
+Each ``*_rows`` function returns the per-row loss ``w_{y_i}·ℓ_i`` (0 for ignored rows) and is
+differentiable; :func:`rows_and_grad` gives the gradient in closed form, itself differentiable
+(the second derivatives of the fused ops are taken through it)."""
 
 from __future__ import annotations
 
@@ -67,8 +70,25 @@ def rescaled_mse_rows(logits, target, kappa=1.0, beta=1.0, weight=None, ignore_i
     return torch.where(keep, loss, 0.0) * _class_factor(weight, safe, keep, logits.dtype)
 
 
+def soft_cross_entropy_rows(logits, target, weight=None, label_smoothing=0.0, softcap=0.0):
+    """Cross-entropy against probability targets q (N, K), as torch defines it:
+    ℓ_i = −Σ_j w_j q'_ij log p_ij with q' = (1−α) q + α/K (no ignore_index; "mean" divides by N)."""
+    logits = capped(logits, softcap)
+    return -(_weighted_soft_target(target, weight, label_smoothing, logits.dtype) * torch.log_softmax(logits, 1)).sum(1)
+
+
+def _weighted_soft_target(target, weight, label_smoothing, dtype):
+    q = target.to(dtype)
+    if label_smoothing > 0:
+        q = (1 - label_smoothing) * q + label_smoothing / q.shape[1]
+    return q if weight is None else q * weight.to(dtype)
+
+
 def total_weight(target, weight=None, ignore_index=-100, dtype=torch.float64):
-    """Σ_i w_{y_i} over the rows that are not ignored: the divisor of reduction="mean"."""
+    """The divisor of reduction="mean": Σ_i w_{y_i} over the rows that are not ignored, or the
+    number of rows for probability targets (as torch)."""
+    if target.is_floating_point():
+        return torch.tensor(float(target.shape[0]), dtype=dtype, device=target.device)
     keep = target != ignore_index
     return _class_factor(weight, torch.where(keep, target, 0), keep, dtype).sum()
 
@@ -81,19 +101,51 @@ def reduce(rows, target, weight, ignore_index, reduction):
     return rows.sum() / total_weight(target, weight, ignore_index, rows.dtype)
 
 
+def mean_scale(total):
+    """1/Σw for reduction="mean", and 0 when no row counts: the loss is then 0/0 = NaN but the
+    gradient 0, as torch gives."""
+    return torch.where(total == 0, 0.0, 1.0 / torch.where(total == 0, 1.0, total))
+
+
 def rows_and_grad(loss, logits, target, weight=None, alpha=None, ignore_index=-100, label_smoothing=0.0,
                   gamma=2.0, kappa=1.0, beta=1.0, lse_square_scale=0.0, softcap=0.0):
-    """Per-row losses, their gradient ∂(Σ_i rows_i)/∂logits in closed form (the g of each loss)
-    and each row's lse (0 for ignored rows and the MSE), without autograd: the ``"torch"``
-    backend. Tests check it against autograd of the ``*_rows`` functions above."""
+    """Per-row losses, their gradient ∂(Σ_i rows_i)/∂logits in closed form (the g column of
+    Zhou et al. 2022, eq. (3)–(6)) and each row's lse (0 for ignored rows and the MSE), without
+    autograd: the ``"torch"`` backend, and — being made of differentiable torch ops — the first
+    derivative that second-order autograd differentiates. Ignored rows get exactly 0 even when
+    they hold ±inf/NaN (their logits are replaced before any arithmetic). ``target`` is (N,)
+    class indices, or (N, K) probabilities for cross-entropy. Tests check it against autograd
+    of the ``*_rows`` functions above."""
+    if target.is_floating_point():
+        keep = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    else:
+        keep = target != ignore_index
+        logits = torch.where(keep[:, None], logits, 0.0)
     z = capped(logits, softcap)
-    rows, grad = _rows_and_grad(loss, z, target, weight, alpha, ignore_index, label_smoothing, gamma, kappa, beta,
-                                lse_square_scale)
-    keep = target != ignore_index
+    if target.is_floating_point():
+        rows, grad = _soft_rows_and_grad(z, target, weight, label_smoothing)
+    else:
+        rows, grad = _rows_and_grad(loss, z, target, weight, alpha, ignore_index, label_smoothing, gamma, kappa,
+                                    beta, lse_square_scale)
     lse = torch.where(keep, torch.logsumexp(z, dim=1), 0.0) if loss != "rescaled_mse" else torch.zeros_like(rows)
     if softcap:
         grad = grad * (1 - (z / softcap) ** 2)
     return rows, grad, lse
+
+
+def _soft_rows_and_grad(logits, target, weight, label_smoothing):
+    """g_ij = (Σ_k w_k q'_ik) p_ij − w_j q'_ij, the gradient of :func:`soft_cross_entropy_rows`."""
+    wq = _weighted_soft_target(target, weight, label_smoothing, logits.dtype)
+    rows = -(wq * torch.log_softmax(logits, 1)).sum(1)
+    return rows, wq.sum(1, keepdim=True) * torch.softmax(logits, 1) - wq
+
+
+def soft_target_grad(logits, weight=None, label_smoothing=0.0, softcap=0.0):
+    """∂(Σ_i ℓ_i)/∂q for probability targets: −(1−α) w_j log p_ij (torch differentiates the
+    target too, e.g. for distillation from a trained teacher)."""
+    log_p = torch.log_softmax(capped(logits, softcap), 1)
+    grad = -(1 - label_smoothing) * log_p
+    return grad if weight is None else grad * weight.to(log_p.dtype)
 
 
 def _rows_and_grad(loss, logits, target, weight, alpha, ignore_index, label_smoothing, gamma, kappa, beta,
