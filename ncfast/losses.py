@@ -77,15 +77,25 @@ def _class_last(logits: Tensor) -> Tensor:
     return logits.movedim(1, -1).reshape(-1, logits.shape[1])
 
 
-def _torch_forward(logits, target, weight, alpha, grad, lse, options, mean):
-    z = _class_last(logits).to(accumulation_dtype(logits.dtype))
-    target = target.reshape(-1)
+def _torch_rows(logits, target, weight, alpha, lse, options, mean):
+    """The reference on (N, K) rows: per-row losses, the gradient (scaled for "mean") and Σw."""
+    z = logits.to(accumulation_dtype(logits.dtype))
     rows, g, row_lse = reference.rows_and_grad(options.loss, z, target, weight, alpha, options.ignore_index,
                                                **options.params())
     total = reference.total_weight(target, weight, options.ignore_index, z.dtype)
-    g = g.reshape(logits.shape[0], logits.shape[2], logits.shape[1]).movedim(-1, 1)
-    grad.copy_(g * reference.mean_scale(total) if mean else g)
     lse.copy_(row_lse)
+    return rows, (g * reference.mean_scale(total) if mean else g), total
+
+
+def _torch_forward(logits, target, weight, alpha, grad, lse, options, mean):
+    rows, g, total = _torch_rows(_class_last(logits), target.reshape(-1), weight, alpha, lse, options, mean)
+    grad.copy_(g.reshape(logits.shape[0], logits.shape[2], logits.shape[1]).movedim(-1, 1))
+    return rows, total
+
+
+def _torch_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
+    rows, g, total = _torch_rows(logits, target, weight, alpha, lse, options, mean)
+    grad.copy_(g)
     return rows, total
 
 
@@ -133,7 +143,7 @@ def _triton_soft_forward(logits, target, weight, alpha, grad, lse, options, mean
     return rows, total
 
 
-_BACKEND_SOFT_FORWARD = {"cpp": _cpp_soft_forward, "torch": _torch_forward, "triton": _triton_soft_forward}
+_BACKEND_SOFT_FORWARD = {"cpp": _cpp_soft_forward, "torch": _torch_soft_forward, "triton": _triton_soft_forward}
 
 
 def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
