@@ -511,15 +511,18 @@ NCFAST_INLINE void loss_rows(const LossArgs<T>& args, int64_t begin, int64_t end
 }
 
 // A tile of kTile positions at once, one per SIMD lane: rows too short to fill the vector units
-// one at a time (below kTileMaxClasses classes), and positions of a class-strided (B, K, S)
+// one at a time (up to tile_max_classes), and positions of a class-strided (B, K, S)
 // layout, whose classes are S elements apart. The tile is read into a class-major block
 // zt[k·kTile + p] (contiguous along p for a class-strided layout; a transposition in L1 for
 // short rows), the statistics are computed along k for all lanes at once, row_result_of with
 // the branch-free lane math, then the gradient, stored back in the caller's layout. Padding
 // lanes of a partial tile repeat its first position and are never stored, so every position
 // goes through the same vector code: the bits do not depend on where a thread's range starts.
+// Where tiles pay, measured (fp32, one thread, kernel time per logit, tile vs one row at a
+// time): cross-entropy K=2 12 vs 38 ns, K=10 2.2 vs 9.4, K=32 1.3 vs 2.5, K=64 1.36 vs 1.44,
+// K=128 1.11 vs 0.94; the MSE, whose rows cost less, K=10 0.99 vs 2.6, K=32 0.92 vs 0.78.
 constexpr int kTile = 32;
-constexpr int64_t kTileMaxClasses = 128;
+inline int64_t tile_max_classes(int kind) { return kind == kRescaledMSE ? 16 : 64; }
 
 template <int kKind, bool kCap, bool kColumnWeights, typename T>
 NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, int64_t end_tile,
@@ -863,7 +866,7 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
     // Rows with contiguous classes go one at a time when they are long enough to fill the
     // vector units; short rows and class-strided layouts a tile of positions at a time.
     const bool rows = (args.logits_layout.classes == 1 && args.grad_layout.classes == 1) || K == 1;
-    if (!rows || K <= kTileMaxClasses) {
+    if (!rows || K <= tile_max_classes(call.kind)) {
       run_rows<T>(args, fns.tiles, true, 2 * K * kTile, num_threads);
     } else {
       // exp(z - max) lives in a per-thread scratch row (cache-resident), not in the gradient
