@@ -280,9 +280,10 @@ def fused_loss(
     lse_square_scale: float = 0.0, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Loss and its gradient in one pass on (B, K, S) ``logits`` (any strides) and (B, S)
-    ``target`` ((N, K) and (N,) are S = 1): ``(loss, grad, lse)`` with ``grad`` of the logits' shape, dtype and layout and
-    ``lse`` (B·S,) each position's log-sum-exp (fp32; fp64 for fp64 logits; 0 for ignored
-    positions and the MSE). ``loss`` is one of :data:`LOSSES`; see :func:`cross_entropy`."""
+    ``target`` ((N, K) and (N,) are S = 1): ``(loss, grad, lse)`` with ``grad`` of the logits'
+    shape, dtype and layout and ``lse`` (B·S,) each position's log-sum-exp (fp32; fp64 for fp64
+    logits; 0 for ignored positions and the MSE). ``loss`` is one of :data:`LOSSES`; see
+    :func:`cross_entropy`."""
     grad, lse = _new_gradient(logits), _new_lse(logits)
     params = _params(label_smoothing, gamma, kappa, beta, lse_square_scale, softcap)
     value = _forward(logits, target, weight, alpha, grad, lse, loss, params, ignore_index, reduction)
