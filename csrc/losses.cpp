@@ -212,19 +212,19 @@ NCFAST_INLINE RowStats<A> row_stats(const T* z, int64_t y_local, const Slice& sl
 // lanes.
 struct LibraryMath {
   template <typename A>
-  static A log(A x) { return std::log(x); }
+  NCFAST_INLINE static A log(A x) { return std::log(x); }
   template <typename A>
-  static A expm1(A x) { return std::expm1(x); }
+  NCFAST_INLINE static A expm1(A x) { return std::expm1(x); }
   template <typename A>
-  static A pow_unit(A x, A g) { return std::pow(x, g); }  // pow(0, 0) = 1
+  NCFAST_INLINE static A pow_unit(A x, A g) { return std::pow(x, g); }  // pow(0, 0) = 1
 };
 struct LaneMath {
   template <typename A>
-  static A log(A x) { return vlog(x); }
+  NCFAST_INLINE static A log(A x) { return vlog(x); }
   template <typename A>
-  static A expm1(A x) { return vexpm1(x); }
+  NCFAST_INLINE static A expm1(A x) { return vexpm1(x); }
   template <typename A>
-  static A pow_unit(A x, A g) { return vpow_unit(x, g); }
+  NCFAST_INLINE static A pow_unit(A x, A g) { return vpow_unit(x, g); }
 };
 
 // log p_y and 1 - p_y = -expm1(log p_y), accurate as p_y -> 1 (as Liger-Kernel's PR #1329).
@@ -511,15 +511,18 @@ NCFAST_INLINE void loss_rows(const LossArgs<T>& args, int64_t begin, int64_t end
 }
 
 // A tile of kTile positions at once, one per SIMD lane: rows too short to fill the vector units
-// one at a time (below kTileMaxClasses classes), and positions of a class-strided (B, K, S)
+// one at a time (up to tile_max_classes), and positions of a class-strided (B, K, S)
 // layout, whose classes are S elements apart. The tile is read into a class-major block
 // zt[k·kTile + p] (contiguous along p for a class-strided layout; a transposition in L1 for
 // short rows), the statistics are computed along k for all lanes at once, row_result_of with
 // the branch-free lane math, then the gradient, stored back in the caller's layout. Padding
 // lanes of a partial tile repeat its first position and are never stored, so every position
 // goes through the same vector code: the bits do not depend on where a thread's range starts.
+// Where tiles pay, measured (fp32, one thread, kernel time per logit, tile vs one row at a
+// time): cross-entropy K=2 12 vs 38 ns, K=10 2.2 vs 9.4, K=32 1.3 vs 2.5, K=64 1.36 vs 1.44,
+// K=128 1.11 vs 0.94; the MSE, whose rows cost less, K=10 0.99 vs 2.6, K=32 0.92 vs 0.78.
 constexpr int kTile = 32;
-constexpr int64_t kTileMaxClasses = 128;
+inline int64_t tile_max_classes(int kind) { return kind == kRescaledMSE ? 16 : 64; }
 
 template <int kKind, bool kCap, bool kColumnWeights, typename T>
 NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, int64_t end_tile,
@@ -554,10 +557,10 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
         for (int p = 0; p < P; ++p) zt[k * P + p] = load_logit<kCap>(z[k * zl.classes + p], cap, inv_cap);
       }
     } else {
-      int64_t offset[P];
-      for (int p = 0; p < P; ++p) offset[p] = zl.at(i0 + (p < n ? p : 0), S);
-      for (int64_t k = 0; k < K; ++k) {
-        for (int p = 0; p < P; ++p) zt[k * P + p] = load_logit<kCap>(args.logits[offset[p] + k * zl.classes], cap, inv_cap);
+      // Position by position, each read along its classes (one contiguous stretch for rows).
+      for (int p = 0; p < P; ++p) {
+        const T* z = args.logits + zl.at(i0 + (p < n ? p : 0), S);
+        for (int64_t k = 0; k < K; ++k) zt[k * P + p] = load_logit<kCap>(z[k * zl.classes], cap, inv_cap);
       }
     }
     // Statistics along k, as row_stats computes them for one row.
@@ -614,12 +617,20 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
         out[k * P + p] = active[p] == 0 ? A(0) : (k == y[p] ? gy[p] : g);
       }
     }
+    // Stored with streaming stores where whole cache lines are written (write_lines).
     if (n == P && one_segment && gl.inner == 1) {
       T* g = args.grad + gl.at(i0, S);
       for (int64_t k = 0; k < K; ++k) {
-#pragma omp simd
-        for (int p = 0; p < P; ++p) g[k * gl.classes + p] = from_acc<T>(out[k * P + p]);
+        const A* line = out + k * P;
+        write_lines<A>(g + k * gl.classes, P, -1, A(0), [&](int64_t p) { return line[p]; });
       }
+    } else if (S == 1 && gl.classes == 1 && gl.outer == K) {
+      // Rows one after another: the tile's gradient is one stretch of n·K elements, transposed
+      // back to row-major order in L1 (zt is free by now) and streamed.
+      for (int64_t k = 0; k < K; ++k) {
+        for (int p = 0; p < P; ++p) zt[p * K + k] = out[k * P + p];
+      }
+      write_lines<A>(args.grad + i0 * K, n * K, -1, A(0), [&](int64_t j) { return zt[j]; });
     } else {
       for (int p = 0; p < n; ++p) {
         T* g = args.grad + gl.at(i0 + p, S);
@@ -855,7 +866,7 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
     // Rows with contiguous classes go one at a time when they are long enough to fill the
     // vector units; short rows and class-strided layouts a tile of positions at a time.
     const bool rows = (args.logits_layout.classes == 1 && args.grad_layout.classes == 1) || K == 1;
-    if (!rows || K <= kTileMaxClasses) {
+    if (!rows || K <= tile_max_classes(call.kind)) {
       run_rows<T>(args, fns.tiles, true, 2 * K * kTile, num_threads);
     } else {
       // exp(z - max) lives in a per-thread scratch row (cache-resident), not in the gradient
