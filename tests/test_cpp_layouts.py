@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ncfast
+from ncfast.loss_options import LossOptions
 from ncfast.reference import losses as reference
 
 pytestmark = pytest.mark.skipif("cpp" not in ncfast.available_backends(), reason="needs the compiled C++ kernels")
@@ -162,8 +163,8 @@ def test_class_strided_read_in_place(layout):
     logits, target = _layouts(19)[layout]
     view, view_target, _ = _as_rows(logits, target)
     assert view.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
-    value, grad, lse = torch.ops.ncfast.fused_loss(view, view_target, None, None, "cross_entropy", 0.0, 2.0, 1.0, 1.0,
-                                                   -100, "sum")
+    options = LossOptions("cross_entropy", gamma=2.0, kappa=1.0, beta=1.0, reduction="sum")
+    value, grad, lse = torch.ops.ncfast.fused_loss(view, view_target, None, None, *options)
     if view.is_contiguous() or view.is_contiguous(memory_format=torch.channels_last):
         assert grad.stride() == view.stride()
     rows, expected, expected_lse = expected_rows_and_grad("cross_entropy", logits, target, None, {})
