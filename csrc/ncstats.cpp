@@ -277,6 +277,7 @@ int ncstats_update(const py::buffer& features_buf, const py::buffer& target_buf,
 // `cosines` (R, C) holds cos∠(u_k, u_l) = û_k·û_l of unit vectors; returns
 //
 //     Σ_kl |cos_kl + shift|                                   (max-angle, shift = 1/(K−1))
+//     Σ_kl (cos_kl − mean)²                                   (equiangularity, mean cosine known)
 //     Σ_kl (v_k + v_l) / (2 ‖u_k − u_l‖²)                     (CDNV, only when `variances`)
 //
 // with ‖u_k − u_l‖² = ‖u_k‖² + ‖u_l‖² − 2‖u_k‖‖u_l‖cos_kl, over every pair, or every pair
@@ -284,50 +285,57 @@ int ncstats_update(const py::buffer& features_buf, const py::buffer& target_buf,
 // column order and the row sums in row order: the same result for any thread count.
 template <typename G>
 NCFAST_INLINE void tile_rows(const G* cosines, int64_t stride, int64_t cols, const double* norm_r, const double* norm_c,
-                             const double* var_r, const double* var_c, double shift, bool diagonal, int64_t r0,
-                             int64_t r1, double* abs_sums, double* cdnv_sums) {
+                             const double* var_r, const double* var_c, double shift, double mean, bool diagonal,
+                             int64_t r0, int64_t r1, double* abs_sums, double* cdnv_sums, double* sq_sums) {
   for (int64_t r = r0; r < r1; ++r) {
     const G* c = cosines + r * stride;
     const double nr = norm_r[r], nr2 = nr * nr;
-    double abs_sum = 0.0, cdnv_sum = 0.0;
+    double abs_sum = 0.0, cdnv_sum = 0.0, sq_sum = 0.0;
     if (var_r != nullptr) {
       const double vr = var_r[r];
-#pragma omp simd reduction(+ : abs_sum, cdnv_sum)
+#pragma omp simd reduction(+ : abs_sum, cdnv_sum, sq_sum)
       for (int64_t l = 0; l < cols; ++l) {
         const double cos = static_cast<double>(c[l]);
         const double distance_sq = nr2 + norm_c[l] * norm_c[l] - 2.0 * nr * norm_c[l] * cos;
         const bool keep = !diagonal || l != r;
         abs_sum += keep ? std::fabs(cos + shift) : 0.0;
+        sq_sum += keep ? (cos - mean) * (cos - mean) : 0.0;
         cdnv_sum += keep ? (vr + var_c[l]) / (2.0 * distance_sq) : 0.0;
       }
     } else {
-#pragma omp simd reduction(+ : abs_sum)
+#pragma omp simd reduction(+ : abs_sum, sq_sum)
       for (int64_t l = 0; l < cols; ++l) {
+        const double cos = static_cast<double>(c[l]);
         const bool keep = !diagonal || l != r;
-        abs_sum += keep ? std::fabs(static_cast<double>(c[l]) + shift) : 0.0;
+        abs_sum += keep ? std::fabs(cos + shift) : 0.0;
+        sq_sum += keep ? (cos - mean) * (cos - mean) : 0.0;
       }
     }
     abs_sums[r] = abs_sum;
     cdnv_sums[r] = cdnv_sum;
+    sq_sums[r] = sq_sum;
   }
 }
 
 NCFAST_CLONES void tile_f32(const float* c, int64_t s, int64_t n, const double* a, const double* b, const double* va,
-                            const double* vb, double shift, bool diag, int64_t r0, int64_t r1, double* o1, double* o2) {
-  tile_rows(c, s, n, a, b, va, vb, shift, diag, r0, r1, o1, o2);
+                            const double* vb, double shift, double mean, bool diag, int64_t r0, int64_t r1, double* o1,
+                            double* o2, double* o3) {
+  tile_rows(c, s, n, a, b, va, vb, shift, mean, diag, r0, r1, o1, o2, o3);
 }
 NCFAST_CLONES void tile_f64(const double* c, int64_t s, int64_t n, const double* a, const double* b, const double* va,
-                            const double* vb, double shift, bool diag, int64_t r0, int64_t r1, double* o1, double* o2) {
-  tile_rows(c, s, n, a, b, va, vb, shift, diag, r0, r1, o1, o2);
+                            const double* vb, double shift, double mean, bool diag, int64_t r0, int64_t r1, double* o1,
+                            double* o2, double* o3) {
+  tile_rows(c, s, n, a, b, va, vb, shift, mean, diag, r0, r1, o1, o2, o3);
 }
 
 // ncstats_pairwise_tile(cosines, norms_rows, norms_cols, variances_rows, variances_cols,
-//                       shift, diagonal, num_threads) -> (Σ|cos + shift|, Σ CDNV terms)
+//                       shift, mean, diagonal, num_threads)
+//     -> (Σ|cos + shift|, Σ CDNV terms, Σ (cos − mean)²)
 // cosines: (R, C) float32 or float64 with contiguous rows; norms (R,), (C,) float64;
 // variances (R,), (C,) float64, or empty arrays for no CDNV.
 py::tuple ncstats_pairwise_tile(const py::buffer& cosines_buf, const py::buffer& norms_r_buf,
                                 const py::buffer& norms_c_buf, const py::buffer& var_r_buf, const py::buffer& var_c_buf,
-                                double shift, bool diagonal, int num_threads) {
+                                double shift, double mean, bool diagonal, int num_threads) {
   const py::buffer_info info = cosines_buf.request();
   if (info.itemsize != 4 && info.itemsize != 8) throw py::type_error("cosines: expected float32 or float64");
   View cosines = view_of(cosines_buf, "cosines", 2, info.itemsize, false);
@@ -338,25 +346,26 @@ py::tuple ncstats_pairwise_tile(const py::buffer& cosines_buf, const py::buffer&
   const bool cdnv = view_of(var_r_buf, "variances_rows", 1, sizeof(double), false).rows > 0;
   const double* var_r = cdnv ? state_of(var_r_buf, "variances_rows", 1, R, 1, false) : nullptr;
   const double* var_c = cdnv ? state_of(var_c_buf, "variances_cols", 1, C, 1, false) : nullptr;
-  std::vector<double> abs_sums(static_cast<size_t>(R)), cdnv_sums(static_cast<size_t>(R));
+  std::vector<double> abs_sums(static_cast<size_t>(R)), cdnv_sums(static_cast<size_t>(R)), sq_sums(static_cast<size_t>(R));
   {
     py::gil_scoped_release release;
     const int threads = static_cast<int>(std::min<int64_t>(thread_count(num_threads), std::max<int64_t>(1, R * C >> 20)));
     parallel_ranges(R, threads, [&](int64_t r0, int64_t r1) {
       if (info.itemsize == 4)
         tile_f32(static_cast<const float*>(cosines.data), cosines.row_stride, C, norm_r, norm_c, var_r, var_c, shift,
-                 diagonal, r0, r1, abs_sums.data(), cdnv_sums.data());
+                 mean, diagonal, r0, r1, abs_sums.data(), cdnv_sums.data(), sq_sums.data());
       else
         tile_f64(static_cast<const double*>(cosines.data), cosines.row_stride, C, norm_r, norm_c, var_r, var_c, shift,
-                 diagonal, r0, r1, abs_sums.data(), cdnv_sums.data());
+                 mean, diagonal, r0, r1, abs_sums.data(), cdnv_sums.data(), sq_sums.data());
     });
   }
-  double abs_total = 0.0, cdnv_total = 0.0;
+  double abs_total = 0.0, cdnv_total = 0.0, sq_total = 0.0;
   for (int64_t r = 0; r < R; ++r) {
     abs_total += abs_sums[r];
     cdnv_total += cdnv_sums[r];
+    sq_total += sq_sums[r];
   }
-  return py::make_tuple(abs_total, cdnv_total);
+  return py::make_tuple(abs_total, cdnv_total, sq_total);
 }
 
 }  // namespace
@@ -369,7 +378,7 @@ void register_ncstats(py::module_& m) {
         "writes its rows centred so that 2^(2e) times their Gram is the batch scatter plus Chan's correction; "
         "returns e.");
   m.def("ncstats_pairwise_tile", &ncstats_pairwise_tile, py::arg("cosines"), py::arg("norms_rows"),
-        py::arg("norms_cols"), py::arg("variances_rows"), py::arg("variances_cols"), py::arg("shift"),
+        py::arg("norms_cols"), py::arg("variances_rows"), py::arg("variances_cols"), py::arg("shift"), py::arg("mean"),
         py::arg("diagonal"), py::arg("num_threads"),
         "Sums of |cos + shift| and of the CDNV terms over one tile of pairwise cosines.");
 }

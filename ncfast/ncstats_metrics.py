@@ -120,7 +120,8 @@ def _classifier_metrics(w: Tensor, b: Optional[Tensor], means: Tensor, mu_g: Ten
     if b is not None:
         logit_bias += b
     gram, w_sum = summary.gram, summary.row_sum
-    max_angle, _ = pairwise.pairwise_sums(summary.unit, summary.norms)
+    max_angle, _, equiangularity = pairwise.pairwise_sums(summary.unit, summary.norms,
+                                                          mean_cos=pairwise.mean_cosine(summary))
     return dict(
         nc2=pairwise.distance_to_etf(pairwise.etf_inner(float(gram.trace()), w_sum, w_sum, K),
                                      float(torch.linalg.matrix_norm(gram)), K),
@@ -128,7 +129,7 @@ def _classifier_metrics(w: Tensor, b: Optional[Tensor], means: Tensor, mu_g: Ten
                                      float((gram * mean_summary.gram).sum()) ** 0.5, K),
         nc4=float(torch.linalg.vector_norm(logit_bias)),
         equinorm_classifier=pairwise.std_mean_ratio(summary.norms),
-        equiangularity_classifier=pairwise.equiangularity(summary),
+        equiangularity_classifier=equiangularity,
         max_angle_classifier=max_angle,
     )
 
@@ -148,14 +149,15 @@ def state_metrics(counts: Tensor, means: Tensor, class_sq: Tensor, within_scatte
     tile_dtype = _pairwise_dtype(pairwise_dtype, K)
     summary = pairwise.summarize_rows(means, mu_g, tile_dtype, index)
     with ieee_fp32_matmul(means.device):
-        max_angle, cdnv = pairwise.pairwise_sums(summary.unit, summary.norms, class_sq / counts)
+        max_angle, cdnv, equiangularity = pairwise.pairwise_sums(summary.unit, summary.norms, class_sq / counts,
+                                                                 pairwise.mean_cosine(summary))
         summary.unit = None  # the K×d tile operand is not needed any more
         values = dict(
             num_samples=int(counts.sum()), num_classes=num_classes, classes_used=K, dim=d,
             nc1=pairwise.nc1(within_scatter, float(counts.sum()), summary.gram, K, nc1_per_class,
                              (means if index is None else means[index]) - mu_g if K <= d else None),
             equinorm_means=pairwise.std_mean_ratio(summary.norms),
-            equiangularity_means=pairwise.equiangularity(summary),
+            equiangularity_means=equiangularity,
             max_angle_means=max_angle, cdnv=cdnv,
         )
         if w is not None:

@@ -4,12 +4,13 @@ Every metric that compares classes is a function of the K×K Gram of the rows, w
 vocabulary's K (10⁵) does not fit in memory. Here nothing K×K is ever formed:
 
 * from d×d products (O(K·d²) flops, float64): the Gram VᵀV (NC1 and, through ‖VVᵀ‖_F =
-  ‖VᵀV‖_F and ⟨WWᵀ, ETF⟩, NC2/NC3) and the unit rows' Gram ÛᵀÛ with Σ_k û_k, which give the
-  equiangularity: its standard deviation needs only Σ_{k≠l} c_kl = ‖Σ_k û_k‖² − Σ_k ‖û_k‖² and
-  Σ_{k≠l} c_kl² = ‖ÛᵀÛ‖_F² − Σ_k ‖û_k‖⁴;
+  ‖VᵀV‖_F and ⟨WWᵀ, ETF⟩, NC2/NC3), and from row sums the mean cosine
+  Σ_{k≠l} c_kl / (K(K−1)) with Σ_{k≠l} c_kl = ‖Σ_k û_k‖² − Σ_k ‖û_k‖²;
 * the metrics that truly need every pair (max-angle: mean |c_kl + 1/(K−1)|, Papyan, Han and
-  Donoho 2020; CDNV: mean (σ_k² + σ_l²)/(2‖μ_k − μ_l‖²), Galanti et al.) as a sweep over
-  T×T tiles of cosines ÛᵢÛⱼᵀ, upper triangle only (both sums are symmetric in k, l), each tile
+  Donoho 2020; CDNV: mean (σ_k² + σ_l²)/(2‖μ_k − μ_l‖²), Galanti et al.; the equiangularity,
+  the standard deviation of c_kl, as Σ (c_kl − mean)²: centred on the known mean, it stays
+  exact when all cosines agree, where Σc² − (Σc)²/P would cancel to ~1e-8) as a sweep over
+  T×T tiles of cosines ÛᵢÛⱼᵀ, upper triangle only (the sums are symmetric in k, l), each tile
   one GEMM and one fused reduction (``csrc/ncstats.cpp`` on CPU, torch ops elsewhere).
 
 Precision of the tiles (``pairwise_dtype``): float64 reproduces the dense float64 formulas to
@@ -18,9 +19,7 @@ cosine of two unit rows then carries an absolute error below d·2⁻²⁴ (≈ �
 ~2e-6 at d = 1024), so the max-angle is off by at most that much in absolute terms, and a
 CDNV term by a relative 2‖u_k‖‖u_l‖/‖u_k − u_l‖² times it — small unless two means nearly
 coincide relative to their length (never near collapse, where ‖u_k − u_l‖² ≈ ‖u_k‖² + ‖u_l‖²).
-The d×d Grams are always float64. The equiangularity's variance is formed from the two sums
-above, so its relative error is ≈ 1e-16·(mean² + variance)/variance (harmless unless the
-cosines agree to ~8 digits); NC2/NC3 are √(2 − 2⟨A, E⟩/‖A‖_F) with an absolute error ~1e-8
+The d×d Grams are always float64; the equiangularity carries the tiles' cosine error; NC2/NC3 are √(2 − 2⟨A, E⟩/‖A‖_F) with an absolute error ~1e-8
 when they are near 0 (they are distances to the ETF: exactly collapsed gives ≲ 1e-8, not 0).
 """
 
@@ -46,16 +45,15 @@ FLOAT64_TILES_UP_TO = 8192
 class RowSummary:
     """What the metrics need of K vectors v_k (rows of a K×d matrix), in float64.
 
-    ``norms`` (K,) ‖v_k‖; ``gram`` (d, d) VᵀV; ``unit_gram`` (d, d) ÛᵀÛ; ``unit_sum`` (d,)
-    Σ_k û_k; ``row_sum`` (d,) Σ_k v_k; ``unit_fourth`` Σ_k ‖û_k‖⁴; ``unit`` (K, d) the unit rows in the tiles' dtype
-    (``None`` unless asked for)."""
+    ``norms`` (K,) ‖v_k‖; ``gram`` (d, d) VᵀV; ``unit_sum`` (d,) Σ_k û_k; ``unit_sq`` Σ_k ‖û_k‖²
+    (K, less the zero rows); ``row_sum`` (d,) Σ_k v_k; ``unit`` (K, d) the unit rows in the
+    tiles' dtype (``None`` unless asked for)."""
 
     norms: Tensor
     gram: Tensor
-    unit_gram: Tensor
     unit_sum: Tensor
+    unit_sq: float
     row_sum: Tensor
-    unit_fourth: float
     unit: Optional[Tensor]
 
 
@@ -78,10 +76,9 @@ def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optiona
     f64 = dict(dtype=torch.float64, device=matrix.device)
     norms = torch.empty(K, **f64)
     gram = torch.zeros(d, d, **f64)
-    unit_gram = torch.zeros(d, d, **f64)
     unit_sum = torch.zeros(d, **f64)
     row_sum = torch.zeros(d, **f64)
-    unit_fourth = torch.zeros((), **f64)
+    unit_sq = torch.zeros((), **f64)
     unit = None if unit_dtype is None else torch.empty(K, d, dtype=unit_dtype, device=matrix.device)
     for start, stop, selected in row_blocks(K, index):
         rows = matrix[selected].to(torch.float64, copy=True)  # a copy: normalised in place below
@@ -92,12 +89,11 @@ def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optiona
         norm = torch.linalg.vector_norm(rows, dim=1)
         norms[start:stop] = norm
         rows.div_(norm[:, None])
-        unit_gram.addmm_(rows.T, rows)
         unit_sum += rows.sum(0)
-        unit_fourth += (rows * rows).sum(1).square().sum()
+        unit_sq += (rows * rows).sum()
         if unit is not None:
             unit[start:stop] = rows
-    return RowSummary(norms, gram, unit_gram, unit_sum, row_sum, float(unit_fourth), unit)
+    return RowSummary(norms, gram, unit_sum, float(unit_sq), row_sum, unit)
 
 
 def std_mean_ratio(values: Tensor) -> float:
@@ -105,13 +101,10 @@ def std_mean_ratio(values: Tensor) -> float:
     return float(values.std() / values.mean())
 
 
-def equiangularity(summary: RowSummary) -> float:
-    """Unbiased std over ordered pairs k ≠ l of cos∠(v_k, v_l), from d×d products."""
+def mean_cosine(summary: RowSummary) -> float:
+    """Mean over ordered pairs k ≠ l of cos∠(v_k, v_l), from the unit rows' sum."""
     K = summary.norms.shape[0]
-    pairs = K * (K - 1)
-    total = float(summary.unit_sum.dot(summary.unit_sum)) - float(summary.unit_gram.trace())
-    total_sq = float(summary.unit_gram.square().sum()) - summary.unit_fourth
-    return max((total_sq - total * total / pairs) / (pairs - 1), 0.0) ** 0.5
+    return (float(summary.unit_sum.dot(summary.unit_sum)) - summary.unit_sq) / (K * (K - 1))
 
 
 def distance_to_etf(inner: float, frobenius: float, num_classes: int) -> float:
@@ -153,42 +146,46 @@ def nc1(within_scatter: Tensor, num_samples: float, gram: Tensor, num_classes: i
 
 
 def _tile_sums_torch(cos: Tensor, norm_r: Tensor, norm_c: Tensor, var_r: Optional[Tensor], var_c: Optional[Tensor],
-                     shift: float, diagonal: bool):
+                     shift: float, mean: float, diagonal: bool):
     """The fused tile reduction of ``csrc/ncstats.cpp`` in torch ops (CUDA and the non-C++
-    backends): (Σ|cos + shift|, Σ (v_k + v_l)/(2‖u_k − u_l‖²)) over the tile."""
+    backends): (Σ|cos + shift|, Σ (v_k + v_l)/(2‖u_k − u_l‖²), Σ (cos − mean)²) over the tile."""
     c = cos.to(torch.float64)
     off = torch.ones_like(c, dtype=torch.bool)
     if diagonal:
         off.fill_diagonal_(False)
     abs_sum = float(torch.where(off, (c + shift).abs(), 0.0).sum())
+    sq_sum = float(torch.where(off, (c - mean).square(), 0.0).sum())
     if var_r is None:
-        return abs_sum, 0.0
+        return abs_sum, 0.0, sq_sum
     distance_sq = norm_r[:, None].square() + norm_c[None, :].square() - 2 * norm_r[:, None] * norm_c[None, :] * c
     terms = torch.where(off, (var_r[:, None] + var_c[None, :]) / (2 * distance_sq), 0.0)
-    return abs_sum, float(terms.sum())
+    return abs_sum, float(terms.sum()), sq_sum
 
 
 def _tile_sums(cos: Tensor, norm_r: Tensor, norm_c: Tensor, var_r: Optional[Tensor], var_c: Optional[Tensor],
-               shift: float, diagonal: bool):
+               shift: float, mean: float, diagonal: bool):
     if _backend.backend_for(cos) != "cpp":
-        return _tile_sums_torch(cos, norm_r, norm_c, var_r, var_c, shift, diagonal)
+        return _tile_sums_torch(cos, norm_r, norm_c, var_r, var_c, shift, mean, diagonal)
     from . import _C
 
     empty = torch.empty(0, dtype=torch.float64).numpy()
     return _C.ncstats_pairwise_tile(
         cos.numpy(), norm_r.numpy(), norm_c.numpy(), empty if var_r is None else var_r.numpy(),
-        empty if var_c is None else var_c.numpy(), shift, diagonal, torch.get_num_threads())
+        empty if var_c is None else var_c.numpy(), shift, mean, diagonal, torch.get_num_threads())
 
 
-def pairwise_sums(unit: Tensor, norms: Tensor, variances: Optional[Tensor] = None, tile: int = TILE_ROWS):
+def pairwise_sums(unit: Tensor, norms: Tensor, variances: Optional[Tensor] = None, mean_cos: float = 0.0,
+                  tile: int = TILE_ROWS):
     """Means over ordered pairs k ≠ l of |cos_kl + 1/(K−1)| (max-angle) and, with
-    ``variances`` (K,) σ_k², of (σ_k² + σ_l²)/(2‖u_k − u_l‖²) (CDNV), where ``unit`` (K, d)
-    holds û_k and ``norms`` (K,) ‖u_k‖. Only the tiles i ≤ j are computed (each off-diagonal
-    one counts twice); memory is one T×T tile. Returns (max_angle, cdnv or None)."""
+    ``variances`` (K,) σ_k², of (σ_k² + σ_l²)/(2‖u_k − u_l‖²) (CDNV), and the unbiased std of
+    cos_kl around its mean ``mean_cos`` (:func:`mean_cosine`; the equiangularity), where
+    ``unit`` (K, d) holds û_k and ``norms`` (K,) ‖u_k‖. Only the tiles i ≤ j are computed (each
+    off-diagonal one counts twice); memory is one T×T tile. Returns (max_angle, cdnv or None,
+    equiangularity)."""
     K = unit.shape[0]
     shift = 1.0 / (K - 1)
     buffer = torch.empty(min(tile, K) ** 2, dtype=unit.dtype, device=unit.device)
-    abs_total = cdnv_total = 0.0
+    abs_total = cdnv_total = sq_total = 0.0
     for i in range(0, K, tile):
         rows = unit[i:i + tile]
         for j in range(i, K, tile):
@@ -196,9 +193,12 @@ def pairwise_sums(unit: Tensor, norms: Tensor, variances: Optional[Tensor] = Non
             cos = torch.mm(rows, cols.T, out=buffer[:rows.shape[0] * cols.shape[0]].view(rows.shape[0], cols.shape[0]))
             var_r = None if variances is None else variances[i:i + tile]
             var_c = None if variances is None else variances[j:j + tile]
-            abs_sum, cdnv_sum = _tile_sums(cos, norms[i:i + tile], norms[j:j + tile], var_r, var_c, shift, i == j)
+            abs_sum, cdnv_sum, sq_sum = _tile_sums(cos, norms[i:i + tile], norms[j:j + tile], var_r, var_c, shift,
+                                                   mean_cos, i == j)
             weight = 1.0 if i == j else 2.0
             abs_total += weight * abs_sum
             cdnv_total += weight * cdnv_sum
+            sq_total += weight * sq_sum
     pairs = K * (K - 1)
-    return abs_total / pairs, (None if variances is None else cdnv_total / pairs)
+    equiangularity = (sq_total / (pairs - 1)) ** 0.5 if pairs > 1 else 0.0
+    return abs_total / pairs, (None if variances is None else cdnv_total / pairs), equiangularity
