@@ -46,12 +46,13 @@ CHUNK_MEMORY_BYTES = 256 * 2**20
 #: Fewest rows per chunk at which the three GEMMs run as fast as unchunked ones. Every chunk
 #: streams all of W (K, d) twice and the dW accumulator (K, d) in and out, and the dW GEMM's
 #: inner dimension is the chunk's rows; with fewer rows the BLAS kernels fall off. Measured
-#: (2 cores shared with other jobs, MKL, d = 256, K = 32000, the chunked GEMMs alone against
-#: 2048-row chunks, medians of 5 interleaved rounds): 64 rows 2.1×, 128 rows 1.47×, 256 rows
-#: 1.26×, 384 rows 1.12×, 512 rows 1.05×, 1024 rows 1.05×. The price is memory: at K = 32000
-#: fp32 a 512-row chunk is 62.5 MiB, where torch's chunked ``F.linear_cross_entropy`` takes
-#: 64-row chunks (8 MiB) and runs 2.8× the GEMMs' time.
-GEMM_ROWS = 512
+#: (2 cores shared with other jobs, MKL, medians of interleaved rounds): the chunked GEMMs alone
+#: at d = 256, K = 32000 against 2048-row chunks: 64 rows 2.1×, 128 rows 1.47×, 256 rows 1.26×,
+#: 384 rows 1.12×, 512 rows 1.05×, 1024 rows 1.05×; the fused call at N = 65536, d = 256,
+#: K = 16384 against the bare GEMMs: 512 rows 1.26×, 1024 rows 1.11×, 4096 rows 1.11×. The
+#: price is memory: at K = 32000 fp32 a 1024-row chunk is 125 MiB, where torch's chunked
+#: ``F.linear_cross_entropy`` takes 64-row chunks (8 MiB) and runs 2.8× the GEMMs' time.
+GEMM_ROWS = 1024
 
 
 def _last_level_cache_bytes(default: int = 32 * 2**20) -> int:
@@ -77,7 +78,7 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_memory
     logits and at most ``num_rows``; at least one.
 
     Short rows (small K) thus run in cache-sized chunks; long rows in :data:`GEMM_ROWS`-row
-    chunks (at K = 32000 fp32, 62.5 MiB), the memory the GEMMs need to run at full speed."""
+    chunks (at K = 32000 fp32, 125 MiB), the memory the GEMMs need to run at full speed."""
     per_row = max(num_classes * dtype.itemsize, 1)
     preferred = max(GEMM_ROWS, CACHED_CHUNK_BYTES // per_row)
     return max(1, min(num_rows, preferred, chunk_memory // per_row))
