@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, loss_autograd, losses
+from ._dtypes import accumulation_dtype
 from .loss_options import OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
 
@@ -102,7 +103,7 @@ def _chunked(features, weight, bias, target, class_weight, alpha, options, chunk
     num_rows, dim = features.shape
     num_classes = weight.shape[0]
     dtype, device = features.dtype, features.device
-    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    accumulate = accumulation_dtype(dtype)
     rows = torch.empty(num_rows, dtype=accumulate, device=device)
     chunk = max(1, min(chunk, num_rows))
     logits = torch.empty((chunk, num_classes), dtype=dtype, device=device)
@@ -223,7 +224,7 @@ def _setup_context(ctx, inputs, output):
 
 def _logits_and_grad(features, weight, bias, target, class_weight, alpha, options):
     """The unfused Z = H Wᵀ + b and G = Σ_i ∂(w_{y_i} ℓ_i)/∂Z in the accumulation dtype."""
-    acc = losses.accumulation_dtype(features.dtype)
+    acc = accumulation_dtype(features.dtype)
     z = torch.nn.functional.linear(features.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
     _, grad, _ = reference.rows_and_grad(options.loss, z, target, class_weight, alpha, options.ignore_index,
                                          **options.params())
