@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import _checks, loss_autograd, losses
 from ._dtypes import accumulation_dtype
+from .loss_reduction import mean_scale, total_weight
 from .loss_options import OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
 
@@ -178,9 +179,9 @@ def _fused_linear_loss(features: Tensor, weight: Tensor, bias: Optional[Tensor],
     value = rows.sum()
     if options.reduction == "mean":
         # No counted row: loss NaN (0/0) but gradient 0, as torch; a tensor select, no sync.
-        total = reference.total_weight(target, class_weight, options.ignore_index, rows.dtype)
+        total = total_weight(target, class_weight, options.ignore_index, rows.dtype)
         value = value / total
-        scale = reference.mean_scale(total)
+        scale = mean_scale(total)
         for grad in (d_features, d_weight, d_bias):
             grad.mul_(scale.to(grad.dtype))
     return value.to(features.dtype), d_features, d_weight, d_bias
@@ -240,7 +241,7 @@ def _recomputed_gradients(features, weight, bias, target, class_weight, alpha, o
     if options.reduction == "none":
         scale = scale[:, None]
     elif options.reduction == "mean":
-        scale = scale * reference.mean_scale(reference.total_weight(target, class_weight, options.ignore_index, acc))
+        scale = scale * mean_scale(total_weight(target, class_weight, options.ignore_index, acc))
     grad = grad * scale
     d_target = None
     if wanted[3]:
@@ -298,7 +299,7 @@ def _jvp(ctx, features_t, weight_t, bias_t, target_t, *_other_tangents):
     else:
         value = rows.sum()
         if options.reduction == "mean":
-            value = value * reference.mean_scale(reference.total_weight(target, class_weight, options.ignore_index,
+            value = value * mean_scale(total_weight(target, class_weight, options.ignore_index,
                                                                         z.dtype))
     return value.to(features.dtype), None, None, None
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
+from .loss_reduction import mean_scale, total_weight
 from .loss_options import LossOptions
 from .reference import losses as reference
 
@@ -71,7 +72,7 @@ def _recomputed_gradients(logits, target, weight, alpha, options: LossOptions, g
     if options.reduction == "none":
         scale = scale.reshape(-1, 1)
     elif options.reduction == "mean":
-        scale = scale * reference.mean_scale(reference.total_weight(rows_target, weight, options.ignore_index, acc))
+        scale = scale * mean_scale(total_weight(rows_target, weight, options.ignore_index, acc))
     d_logits = _as_layout(grad * scale, logits).to(logits.dtype)
     if not want_target:
         return d_logits, None

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import _backend, _checks, loss_autograd
 from ._dtypes import accumulation_dtype, dtype_name
+from .loss_reduction import mean_scale, total_weight
 from .loss_options import LOSSES, OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
 
@@ -74,9 +75,9 @@ def _torch_rows(logits, target, weight, alpha, lse, options, mean):
     z = logits.to(accumulation_dtype(logits.dtype))
     rows, g, row_lse = reference.rows_and_grad(options.loss, z, target, weight, alpha, options.ignore_index,
                                                **options.params())
-    total = reference.total_weight(target, weight, options.ignore_index, z.dtype)
+    total = total_weight(target, weight, options.ignore_index, z.dtype)
     lse.copy_(row_lse)
-    return rows, (g * reference.mean_scale(total) if mean else g), total
+    return rows, (g * mean_scale(total) if mean else g), total
 
 
 def _torch_forward(logits, target, weight, alpha, grad, lse, options, mean):

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _backend, _checks, losses
 from ._dtypes import accumulation_dtype, dtype_name
+from .loss_reduction import mean_scale, total_weight
 from .loss_options import LossOptions
 from .reference import losses as reference
 
@@ -61,7 +62,7 @@ def _forward(logits, target, weight, grad, lse, options: LossOptions, group, siz
 
     start, total_classes = sum(sizes[: dist.get_rank(group)]), sum(sizes)
     acc = accumulation_dtype(logits.dtype)
-    total = reference.total_weight(target, weight, options.ignore_index, acc)
+    total = total_weight(target, weight, options.ignore_index, acc)
     mean = options.reduction == "mean"
     backend = _backend.backend_for(logits)
     logits = logits.contiguous()
@@ -97,7 +98,7 @@ def _forward(logits, target, weight, grad, lse, options: LossOptions, group, siz
         rows, g, row_lse = reference.rows_and_grad(options.loss, z, target, weight, None, options.ignore_index,
                                                    **options.params())
         g = g[:, start:start + logits.shape[1]]
-        grad.copy_(g * reference.mean_scale(total) if mean else g)
+        grad.copy_(g * mean_scale(total) if mean else g)
         lse.copy_(row_lse)
     return losses.reduce_rows(rows, total, options.reduction, logits.dtype)
 
