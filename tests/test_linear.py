@@ -1,4 +1,5 @@
-"""Fused linear + loss against the unfused float64 computation (SPEC §2)."""
+"""Fused linear + loss against the unfused float64 computation: loss(H Wᵀ + b) and its
+gradients in H, W and b."""
 
 import pytest
 import torch

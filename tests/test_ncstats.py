@@ -61,7 +61,7 @@ def assert_close(metrics: NCMetrics, reference: dict, names, rtol):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_collapsed_fp32_matches_two_pass(backend):
-    # Issue 3: K=10, d=64, N=4000, batches of 333, means ~1e2, spread 1e-3: NC1..NC4 to 1e-4.
+    # The collapsed regime in fp32: K=10, d=64, N=4000, batches of 333, means ~1e2, spread 1e-3: NC1..NC4 to 1e-4.
     features, target, weight, bias = collapsed(10, 64, 4000)
     reference = nc_metrics_two_pass(features, target, 10, weight, bias)
     assert reference["nc1"] < 1e-9  # really collapsed

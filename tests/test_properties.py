@@ -1,4 +1,4 @@
-"""Property tests (issue 6): hypothesis draws the problem — N, K, dtype, memory layout, ignored
+"""Property tests: hypothesis draws the problem — N, K, dtype, memory layout, ignored
 rows, class weights and the loss's hyper-parameters — and every backend's fused result must
 equal the float64 reference within the dtype's tolerance; NCStats fed the same data in any batch
 split and order must give the same metrics. Derandomized, so CI sees the same examples each run.
