@@ -40,8 +40,8 @@ def simplex_etf(
 ) -> Tensor:
     """The simplex ETF classifier W ∈ R^{K×d}, rows of unit norm, W Wᵀ = K/(K−1)·(I_K − 11ᵀ/K).
 
-    Seed 003 §4.3 footnote 14: Wᵀ = √(K/(K−1)) · P (I_K − 11ᵀ/K) with P ∈ R^{d×K} orthonormal
-    columns; P = first K columns of I_d (``random_basis=False``) or Haar-random
+    Zhu et al. (NeurIPS 2021) §4.3, footnote 14: Wᵀ = √(K/(K−1)) · P (I_K − 11ᵀ/K) with
+    P ∈ R^{d×K} orthonormal columns; P = first K columns of I_d (``random_basis=False``) or Haar-random
     (``random_basis=True``, drawn from ``generator``). d = K−1 is allowed: the K centred
     vectors span only K−1 dimensions, so W = √(K/(K−1)) · V̄ Qᵀ with V̄ (K, K−1) an orthonormal
     basis of 1^⊥ and Q = I (or random orthogonal). Computed in float64, returned in ``dtype``.

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 
 from . import _checks, loss_autograd, losses
+from ._dtypes import accumulation_dtype
+from .loss_reduction import mean_scale, total_weight
 from .loss_options import OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
 
@@ -103,7 +105,7 @@ def _chunked(features, weight, bias, target, class_weight, alpha, options, chunk
     num_rows, dim = features.shape
     num_classes = weight.shape[0]
     dtype, device = features.dtype, features.device
-    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    accumulate = accumulation_dtype(dtype)
     rows = torch.empty(num_rows, dtype=accumulate, device=device)
     chunk = max(1, min(chunk, num_rows))
     logits = torch.empty((chunk, num_classes), dtype=dtype, device=device)
@@ -178,9 +180,9 @@ def _fused_linear_loss(features: Tensor, weight: Tensor, bias: Optional[Tensor],
     value = rows.sum()
     if options.reduction == "mean":
         # No counted row: loss NaN (0/0) but gradient 0, as torch; a tensor select, no sync.
-        total = reference.total_weight(target, class_weight, options.ignore_index, rows.dtype)
+        total = total_weight(target, class_weight, options.ignore_index, rows.dtype)
         value = value / total
-        scale = reference.mean_scale(total)
+        scale = mean_scale(total)
         for grad in (d_features, d_weight, d_bias):
             grad.mul_(scale.to(grad.dtype))
     return value.to(features.dtype), d_features, d_weight, d_bias
@@ -224,7 +226,7 @@ def _setup_context(ctx, inputs, output):
 
 def _logits_and_grad(features, weight, bias, target, class_weight, alpha, options):
     """The unfused Z = H Wᵀ + b and G = Σ_i ∂(w_{y_i} ℓ_i)/∂Z in the accumulation dtype."""
-    acc = losses.accumulation_dtype(features.dtype)
+    acc = accumulation_dtype(features.dtype)
     z = torch.nn.functional.linear(features.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
     _, grad, _ = reference.rows_and_grad(options.loss, z, target, class_weight, alpha, options.ignore_index,
                                          **options.params())
@@ -240,7 +242,7 @@ def _recomputed_gradients(features, weight, bias, target, class_weight, alpha, o
     if options.reduction == "none":
         scale = scale[:, None]
     elif options.reduction == "mean":
-        scale = scale * reference.mean_scale(reference.total_weight(target, class_weight, options.ignore_index, acc))
+        scale = scale * mean_scale(total_weight(target, class_weight, options.ignore_index, acc))
     grad = grad * scale
     d_target = None
     if wanted[3]:
@@ -298,7 +300,7 @@ def _jvp(ctx, features_t, weight_t, bias_t, target_t, *_other_tangents):
     else:
         value = rows.sum()
         if options.reduction == "mean":
-            value = value * reference.mean_scale(reference.total_weight(target, class_weight, options.ignore_index,
+            value = value * mean_scale(total_weight(target, class_weight, options.ignore_index,
                                                                         z.dtype))
     return value.to(features.dtype), None, None, None
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._dtypes import accumulation_dtype
+from .loss_reduction import mean_scale, total_weight
 from .loss_options import LossOptions
 from .reference import losses as reference
 
@@ -61,9 +63,7 @@ def _recomputed_gradients(logits, target, weight, alpha, options: LossOptions, g
     """∂/∂logits (and ∂/∂target for probability targets) of grad_loss · loss, recomputed from
     the logits with differentiable torch ops: the backward of the backward is then autograd's.
     Logits (N, K) with target (N,) or probabilities (N, K), or (B, K, S) with (B, S) or (B, K, S)."""
-    from . import losses
-
-    acc = losses.accumulation_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     z = _class_last(logits).to(acc)
     rows_target = _class_last(target) if target.is_floating_point() else target.reshape(-1)
     _, grad, _ = reference.rows_and_grad(options.loss, z, rows_target, weight, alpha, options.ignore_index,
@@ -72,7 +72,7 @@ def _recomputed_gradients(logits, target, weight, alpha, options: LossOptions, g
     if options.reduction == "none":
         scale = scale.reshape(-1, 1)
     elif options.reduction == "mean":
-        scale = scale * reference.mean_scale(reference.total_weight(rows_target, weight, options.ignore_index, acc))
+        scale = scale * mean_scale(total_weight(rows_target, weight, options.ignore_index, acc))
     d_logits = _as_layout(grad * scale, logits).to(logits.dtype)
     if not want_target:
         return d_logits, None

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from . import _backend, _checks, loss_autograd
+from ._dtypes import accumulation_dtype, dtype_name
+from .loss_reduction import mean_scale, total_weight
 from .loss_options import LOSSES, OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
 
@@ -40,18 +42,9 @@ __all__ = ["LOSSES", "LossOptions", "loss_options", "cross_entropy", "focal_loss
 # themselves) and ``lse`` (B·S,), and returns (per-position loss w_y·ℓ (B·S,) in b-major order,
 # Σw of the counted positions)
 # --------------------------------------------------------------------------------------------
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels accumulate in: float64 for float64 logits, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def as_float64(vector: Optional[Tensor]):
     """A per-class vector as the C++ kernels read it: a float64 numpy array, or None."""
     return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous().numpy()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _num_positions(logits: Tensor) -> int:
@@ -82,9 +75,9 @@ def _torch_rows(logits, target, weight, alpha, lse, options, mean):
     z = logits.to(accumulation_dtype(logits.dtype))
     rows, g, row_lse = reference.rows_and_grad(options.loss, z, target, weight, alpha, options.ignore_index,
                                                **options.params())
-    total = reference.total_weight(target, weight, options.ignore_index, z.dtype)
+    total = total_weight(target, weight, options.ignore_index, z.dtype)
     lse.copy_(row_lse)
-    return rows, (g * reference.mean_scale(total) if mean else g), total
+    return rows, (g * mean_scale(total) if mean else g), total
 
 
 def _torch_forward(logits, target, weight, alpha, grad, lse, options, mean):

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from . import _backend, _checks, losses
+from ._dtypes import accumulation_dtype, dtype_name
+from .loss_reduction import mean_scale, total_weight
 from .loss_options import LossOptions
 from .reference import losses as reference
 
@@ -59,8 +61,8 @@ def _forward(logits, target, weight, grad, lse, options: LossOptions, group, siz
     import torch.distributed as dist
 
     start, total_classes = sum(sizes[: dist.get_rank(group)]), sum(sizes)
-    acc = losses.accumulation_dtype(logits.dtype)
-    total = reference.total_weight(target, weight, options.ignore_index, acc)
+    acc = accumulation_dtype(logits.dtype)
+    total = total_weight(target, weight, options.ignore_index, acc)
     mean = options.reduction == "mean"
     backend = _backend.backend_for(logits)
     logits = logits.contiguous()
@@ -68,7 +70,7 @@ def _forward(logits, target, weight, grad, lse, options: LossOptions, group, siz
         from . import _C
 
         stats = torch.empty(logits.shape[0], 5, dtype=acc)
-        common = dict(dtype=losses.dtype_name(logits.dtype), kind=options.kind,
+        common = dict(dtype=dtype_name(logits.dtype), kind=options.kind,
                       label_smoothing=options.label_smoothing, softcap=options.softcap,
                       class_weight=losses.as_float64(weight), ignore_index=options.ignore_index, vocab_start=start,
                       total_classes=total_classes, num_threads=torch.get_num_threads())
@@ -96,7 +98,7 @@ def _forward(logits, target, weight, grad, lse, options: LossOptions, group, siz
         rows, g, row_lse = reference.rows_and_grad(options.loss, z, target, weight, None, options.ignore_index,
                                                    **options.params())
         g = g[:, start:start + logits.shape[1]]
-        grad.copy_(g * reference.mean_scale(total) if mean else g)
+        grad.copy_(g * mean_scale(total) if mean else g)
         lse.copy_(row_lse)
     return losses.reduce_rows(rows, total, options.reduction, logits.dtype)
 
@@ -105,7 +107,7 @@ class _VocabParallelLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, options, group, sizes):
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        lse = torch.empty(logits.shape[0], dtype=losses.accumulation_dtype(logits.dtype), device=logits.device)
+        lse = torch.empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype), device=logits.device)
         value = _forward(logits, target, weight, grad, lse, options, group, sizes)
         ctx.reduction = options.reduction
         ctx.save_for_backward(grad)

@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 6): every public function, module and CLI subcommand fed wrong
+"""The bad-input matrix: every public function, module and CLI subcommand fed wrong
 ranks, shapes, dtypes, devices, out-of-range targets, empty or one-class problems, non-finite
 data and out-of-range hyper-parameters. Each case must raise ValueError/TypeError naming the
 argument (CLI: exit code 2 and one line on stderr) — never crash, hang or return a number.

@@ -1,4 +1,4 @@
-"""Concurrency (issue 6): the kernels release the GIL, so two Python threads may run the same
+"""Concurrency: the kernels release the GIL, so two Python threads may run the same
 op at once; each must get exactly (bitwise) what a serial call gives. The thread count —
 ``torch.set_num_threads`` or ``OMP_NUM_THREADS`` at start-up — must not change any bit either
 (no float atomics; every reduction splits its work independently of the thread count).

@@ -14,10 +14,10 @@ import torch
 import ncfast
 from ncfast.loss_options import LossOptions
 from ncfast.reference import losses as reference
+from tolerances import LOSS
 
 pytestmark = pytest.mark.skipif("cpp" not in ncfast.available_backends(), reason="needs the compiled C++ kernels")
 
-TOLERANCES = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 # Every loss and option; softcap and the z-loss are cross-entropy options.
 OPTIONS = [
     ("cross_entropy", {}),
@@ -58,7 +58,7 @@ def run(loss, logits, target, weight, options, **kwargs):
 
 
 def assert_close(actual, expected, dtype):
-    tol = TOLERANCES[dtype]
+    tol = LOSS[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=tol, rtol=tol, equal_nan=True)
 
 

@@ -1,4 +1,4 @@
-"""simplex_etf and ETFClassifier against the definition (SPEC §4, seed 003 §4.3 footnote 14)."""
+"""simplex_etf and ETFClassifier against the definition (Zhu et al., NeurIPS 2021, §4.3, footnote 14)."""
 
 import math
 
@@ -30,7 +30,7 @@ def test_simplex_etf_geometry(num_classes, dim, random_basis):
 
 
 def test_simplex_etf_matches_footnote_formula():
-    # seed 003 footnote 14 with P = first K columns of I_d
+    # Zhu et al. (NeurIPS 2021) footnote 14 with P = first K columns of I_d
     K, d = 4, 6
     P = torch.eye(d, K, dtype=torch.float64)
     expected_t = math.sqrt(K / (K - 1)) * P @ (torch.eye(K, dtype=torch.float64) - torch.ones(K, K) / K)

@@ -1,4 +1,5 @@
-"""Fused linear + loss against the unfused float64 computation (SPEC §2)."""
+"""Fused linear + loss against the unfused float64 computation: loss(H Wᵀ + b) and its
+gradients in H, W and b."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import ncfast
 from ncfast import linear
 from ncfast.loss_options import LossOptions
 from ncfast.reference.linear import linear_loss
+from tolerances import LINEAR_LOSS
 
 FUNCTIONS = {
     "cross_entropy": (ncfast.linear_cross_entropy, {"label_smoothing": 0.1}),
@@ -16,8 +18,6 @@ FUNCTIONS = {
 }
 # The reference loss of each FUNCTIONS entry.
 REFERENCE_LOSS = {"cross_entropy_z_softcap": "cross_entropy"}
-# Loss and gradients of float32 inputs against the float64 reference, and of bfloat16 ones.
-TOLERANCES = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 5e-2}
 
 
 def _problem(num_rows=23, dim=7, num_classes=13, dtype=torch.float64, bias=True, ignore=False):
@@ -73,7 +73,7 @@ def test_matches_unfused_float64(loss, reduction, bias, weighted):
     assert linear.chunk_rows(23, weight.shape[0], torch.float64, chunk_memory) == 5
     pairs = _losses_and_grads(fn, _reference_kwargs(loss, kwargs), loss, features, weight, bias_, target, reduction,
                               chunk_memory=chunk_memory, **kwargs)
-    _assert_close(pairs, TOLERANCES[torch.float64])
+    _assert_close(pairs, LINEAR_LOSS[torch.float64])
 
 
 @pytest.mark.parametrize("loss", list(FUNCTIONS))
@@ -95,7 +95,7 @@ def test_low_precision_against_float64(loss, dtype):
     pairs = _losses_and_grads(fn, _reference_kwargs(loss, kwargs), loss, features, weight, bias, target, "mean",
                               chunk_memory=8 * 33 * features.element_size(), **kwargs)
     # bf16 values are compared relative to the gradient's scale.
-    tol = TOLERANCES[dtype]
+    tol = LINEAR_LOSS[dtype]
     for got, want in pairs:
         scale = max(float(want.detach().abs().max()), 1.0) if dtype == torch.bfloat16 else 1.0
         torch.testing.assert_close(got.double() / scale, want / scale, atol=tol, rtol=tol)
@@ -164,7 +164,7 @@ def test_default_chunking_over_several_chunks_matches_float64(monkeypatch):
     fn, kwargs = FUNCTIONS["cross_entropy"]
     pairs = _losses_and_grads(fn, _reference_kwargs("cross_entropy", kwargs), "cross_entropy", features, weight,
                               bias, target, "mean", **kwargs)
-    _assert_close(pairs, TOLERANCES[torch.float64])
+    _assert_close(pairs, LINEAR_LOSS[torch.float64])
 
 
 def test_frozen_classifier_and_no_grad():

@@ -10,23 +10,17 @@ import torch.nn.functional as F
 import ncfast
 from ncfast.loss_options import LossOptions
 from ncfast.reference import losses as reference
+from tolerances import LOSS
 
 BACKENDS = ncfast.available_backends()
 # The Triton interpreter is slow: it gets the small shapes only.
 BIG_K_BACKENDS = [b for b in BACKENDS if b != "triton"]
 
-# Absolute/relative tolerance of loss and gradient, per logits dtype, against float64 truth.
-TOLERANCES = {
-    torch.float64: 1e-10,
-    torch.float32: 2e-5,
-    torch.float16: 4e-3,
-    torch.bfloat16: 3e-2,
-}
 SHAPES = [(1, 1), (3, 2), (5, 7), (17, 131), (4, 1000)]
 
 
 def close(actual, expected, dtype):
-    tol = TOLERANCES[dtype]
+    tol = LOSS[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=tol, rtol=tol, equal_nan=True)
 
 
@@ -110,7 +104,7 @@ def test_low_precision_against_float64(backend, dtype, loss):
             value, grad = loss_and_grad(PUBLIC[loss], logits, target, **params)
         expected, expected_grad = loss_and_grad(reference_fn(loss), logits.double(), target, **params)
         assert value.dtype == dtype and grad.dtype == dtype
-        tol = TOLERANCES[dtype]
+        tol = LOSS[dtype]
         torch.testing.assert_close(value.double(), expected, atol=tol * max(1.0, expected.abs().item()), rtol=tol)
         torch.testing.assert_close(grad.double(), expected_grad, atol=tol * expected_grad.abs().max().item(), rtol=tol)
 
@@ -132,7 +126,7 @@ def test_against_float64_reference(backend, loss, shape, reduction, weighted, dt
         expected, expected_grad = loss_and_grad(reference_fn(loss), logits.double(), target, weight=weight,
                                                 reduction=reduction, **params)
         scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-        tol = TOLERANCES[dtype]
+        tol = LOSS[dtype]
         torch.testing.assert_close(value.double(), expected, atol=tol * scale, rtol=tol)
         torch.testing.assert_close(grad.double(), expected_grad, atol=tol * scale, rtol=tol)
 
@@ -219,8 +213,8 @@ def test_huge_logits_stay_finite(backend, dtype):
             value, grad = loss_and_grad(PUBLIC[loss], logits.to(dtype), target, reduction="none")
         expected, expected_grad = loss_and_grad(reference_fn(loss), logits.to(dtype).double(), target, reduction="none")
         assert torch.isfinite(value).all() and torch.isfinite(grad).all()
-        torch.testing.assert_close(value.double(), expected, rtol=TOLERANCES[dtype], atol=0)
-        torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=TOLERANCES[dtype])
+        torch.testing.assert_close(value.double(), expected, rtol=LOSS[dtype], atol=0)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=LOSS[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -236,7 +230,7 @@ def test_focal_confident_rows(backend, gamma, margin):
             value, grad = loss_and_grad(ncfast.focal_loss, logits.to(dtype), target, gamma=gamma, reduction="none")
         expected, expected_grad = loss_and_grad(reference_fn("focal"), logits, target, gamma=gamma, reduction="none")
         assert torch.isfinite(value).all() and torch.isfinite(grad).all()
-        tol = TOLERANCES[dtype]
+        tol = LOSS[dtype]
         torch.testing.assert_close(value.double(), expected, rtol=tol, atol=tol * 1e-3)
         torch.testing.assert_close(grad.double(), expected_grad, rtol=tol, atol=tol * 1e-3)
 

@@ -17,6 +17,7 @@ import torch
 import ncfast
 from ncfast.losses import LOSSES
 from ncfast.reference import losses as reference
+from tolerances import BACKEND_AGREEMENT, TRITON_LOSS
 
 triton = pytest.importorskip("triton")
 kernels = pytest.importorskip("ncfast.triton_kernels.losses")
@@ -28,15 +29,6 @@ if not (INTERPRETED or torch.cuda.is_available()):
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
 compiled = pytest.mark.skipif(INTERPRETED, reason="the interpreter runs CPU tensors only")
 
-# |actual - expected| <= atol + rtol·|expected| against the float64 reference.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-}
-# Against the C++ kernel (same math, same accumulation type).
-CPP_TOLERANCES = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 PUBLIC = {"cross_entropy": ncfast.cross_entropy, "focal": ncfast.focal_loss, "rescaled_mse": ncfast.rescaled_mse}
 # Every option of each loss at once: class weights, label smoothing (weighted: per-column
@@ -113,12 +105,12 @@ def reference_loss_and_grad(loss, logits, target, reduction="mean", weight=None,
 
 
 def assert_near(actual, expected, dtype):
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = TRITON_LOSS[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=True)
 
 
 def assert_near_cpp(actual, expected, dtype):
-    tol = CPP_TOLERANCES[dtype]
+    tol = BACKEND_AGREEMENT[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=tol, rtol=tol, equal_nan=True)
 
 
@@ -440,7 +432,7 @@ def test_gpu_cross_entropy_matches_torch(num_classes, dtype):
     x = logits.detach().clone().requires_grad_(True)
     expected = torch.nn.functional.cross_entropy(x.float(), target, label_smoothing=0.1)
     expected.backward()
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = TRITON_LOSS[dtype]
     torch.testing.assert_close(value.float(), expected.detach(), atol=atol, rtol=rtol)
     torch.testing.assert_close(grad.float(), x.grad.float(), atol=atol, rtol=rtol)
 

@@ -12,16 +12,13 @@ import ncfast
 from ncfast import NCMetrics, NCSecondPass, NCStats, nc_metrics
 from ncfast.cli import main as cli_main
 from ncfast.reference.ncstats import nc_metrics_two_pass
+from tolerances import NC
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 BACKENDS = ["cpp", "torch"] + (["triton"] if TRITON_INTERPRET else [])
 FIRST_PASS = ("nc1", "equinorm_means", "equiangularity_means", "max_angle_means", "cdnv")
 CLASSIFIER = ("nc2", "nc3", "nc4", "equinorm_classifier", "equiangularity_classifier", "max_angle_classifier")
-# Relative error of every metric against the float64 two-pass truth, by feature dtype, in the
-# collapsed regime of each test below. 16-bit features only round the input (the reference
-# sees the same rounded values), so they are held to the float32 figure.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 
 
 def collapsed(num_classes, dim, n, spread=1e-3, scale=100.0, dtype=torch.float32, weights=None, seed=0):
@@ -61,12 +58,12 @@ def assert_close(metrics: NCMetrics, reference: dict, names, rtol):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_collapsed_fp32_matches_two_pass(backend):
-    # Issue 3: K=10, d=64, N=4000, batches of 333, means ~1e2, spread 1e-3: NC1..NC4 to 1e-4.
+    # The collapsed regime in fp32: K=10, d=64, N=4000, batches of 333, means ~1e2, spread 1e-3: NC1..NC4 to 1e-4.
     features, target, weight, bias = collapsed(10, 64, 4000)
     reference = nc_metrics_two_pass(features, target, 10, weight, bias)
     assert reference["nc1"] < 1e-9  # really collapsed
     metrics = stream(features, target, 333, 10, backend).compute(weight, bias)
-    assert_close(metrics, reference, FIRST_PASS + CLASSIFIER, TOLERANCE[torch.float32])
+    assert_close(metrics, reference, FIRST_PASS + CLASSIFIER, NC[torch.float32])
 
 
 def test_raw_moments_would_fail_here():
@@ -117,7 +114,7 @@ def test_dtypes_and_backends(backend, dtype):
     features, target, weight, bias = collapsed(7, 67, 301, spread=1e-2, scale=10.0, dtype=dtype)
     reference = nc_metrics_two_pass(features, target, 7, weight, bias)
     metrics = stream(features, target, 29, 7, backend).compute(weight, bias)
-    assert_close(metrics, reference, FIRST_PASS + CLASSIFIER, TOLERANCE[dtype])
+    assert_close(metrics, reference, FIRST_PASS + CLASSIFIER, NC[dtype])
 
 
 def test_backends_agree_and_state_is_float64():
@@ -455,7 +452,7 @@ def test_cuda_collapsed_matches_two_pass_with_tf32_requested(dtype):
         metrics = stats.compute(weight.cuda(), bias.cuda())
     finally:
         torch.backends.cuda.matmul.fp32_precision = previous
-    assert_close(metrics, reference, FIRST_PASS + CLASSIFIER, TOLERANCE[dtype])
+    assert_close(metrics, reference, FIRST_PASS + CLASSIFIER, NC[dtype])
     again = NCStats(10, 64, device="cuda").update(features.cuda(), target.cuda())
     assert torch.equal(again.means, NCStats(10, 64, device="cuda").update(features.cuda(), target.cuda()).means)
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 import ncfast
 from ncfast.reference import losses as reference
+from tolerances import LOSS
 
 BACKENDS = ncfast.available_backends()
-TOLERANCES = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
 def probabilities(shape, dtype=torch.float64, seed=0):
@@ -44,7 +44,7 @@ def test_matches_torch(backend, shape, reduction, weighted, label_smoothing, dty
     want = value_and_grads(F.cross_entropy, logits.double(), target.double(),
                            **dict(kwargs, weight=None if weight is None else weight.double()))
     for a, e in zip(got, want):
-        torch.testing.assert_close(a.double(), e, atol=TOLERANCES[dtype], rtol=TOLERANCES[dtype])
+        torch.testing.assert_close(a.double(), e, atol=LOSS[dtype], rtol=LOSS[dtype])
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
@@ -55,7 +55,7 @@ def test_low_precision(backend, dtype):
         got = value_and_grads(ncfast.cross_entropy, logits.to(dtype), target.to(dtype))
     want = value_and_grads(F.cross_entropy, logits.to(dtype).double(), target.to(dtype).double())
     for a, e in zip(got[:2], want[:2]):
-        torch.testing.assert_close(a.double(), e, atol=TOLERANCES[dtype], rtol=TOLERANCES[dtype])
+        torch.testing.assert_close(a.double(), e, atol=LOSS[dtype], rtol=LOSS[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

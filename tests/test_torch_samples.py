@@ -12,10 +12,10 @@ import ncfast
 pytest.importorskip("expecttest", reason="torch.testing._internal needs the expecttest package")
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 from torch.testing._internal.common_modules import module_db  # noqa: E402
+from tolerances import TORCH_SAMPLES  # noqa: E402
 
 BACKENDS = ncfast.available_backends()
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 OPINFO = next(op for op in op_db if op.name == "nn.functional.cross_entropy")
 MODULEINFO = next(info for info in module_db if info.module_cls is torch.nn.CrossEntropyLoss)
 
@@ -35,7 +35,7 @@ def _check(ours, theirs, logits, target, kwargs, dtype, backend):
     double_kwargs = {k: _double(v) for k, v in kwargs.items()}
     expected = theirs(*expected_leaves, *([target] if not target.is_floating_point() else []), **double_kwargs)
     expected_grads = torch.autograd.grad(expected.sum(), expected_leaves)
-    tol = TOLERANCES[dtype]
+    tol = TORCH_SAMPLES[dtype]
     assert value.dtype == dtype
     torch.testing.assert_close(value.double(), expected, atol=tol, rtol=tol, equal_nan=True)
     for got, want in zip(grads, expected_grads):

@@ -25,7 +25,7 @@ SCALARS = ("smoothing", "gamma", "kappa", "beta", "z_loss", "softcap")
 # (name, logits dtype, accumulation, BLOCK, ROWS, one sweep, class-strided, kind, num_warps):
 # tiles the autotuner may pick for K = 16 and 128 rows, NCHW with K = 19 and K = 150, a
 # 32768-column row, fp64 rows.
-SPECIALISATIONS = [
+KERNEL_VARIANTS = [
     ("rows_k16_bf16", "bf16", "fp32", 16, 256, True, False, 0, 4),
     ("rows_k128_fp32_focal", "fp32", "fp32", 128, 32, True, False, 1, 4),
     ("strided_k19_bf16", "bf16", "fp32", 32, 128, True, True, 0, 8),
@@ -66,7 +66,7 @@ def compile_one(arch, dtype, acc, block, rows, one_sweep, strided, kind, num_war
 
 
 def main(arch):
-    for name, *spec in SPECIALISATIONS:
+    for name, *spec in KERNEL_VARIANTS:
         forms = compile_one(arch, *spec)
         vector = sum(n for form, n in forms.items() if form.startswith("ld.global.v"))
         scalar = sum(n for form, n in forms.items() if form.startswith("ld.global") and ".v" not in form)

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ncfast._dtypes import accumulation_dtype
+
 # Longest row kept in registers (columns), and the most elements of one program's tile; longer
 # rows take the two-sweep path. Tests lower it to run the two-sweep path at small K.
 MAX_BLOCK = 16384
@@ -416,7 +418,7 @@ def _as_positions(logits, target, grad):
 
 def _launch(phase, logits, target, weight, alpha, grad, stats, lse, kind, params, ignore_index, mean, vocab_start,
             total_classes):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     device = logits.device
     grad = logits if grad is None else grad  # the statistics phase writes no gradient
     logits, target, grad = _as_positions(logits, target, grad)
@@ -484,7 +486,7 @@ def row_stats(logits, target, weight, kind, params, ignore_index, vocab_start, t
     Σ_{j≠y} z_j²), z_y (0 off this slice), Σ_j w_j z_j, NaN flag; zeros for ignored rows. The
     caller combines them over processes: the max by max, the rest by sums (sum-exps rescaled to
     the global max first)."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     stats = torch.empty(logits.shape[0], STATS_FIELDS.value, dtype=acc, device=logits.device)
     _launch(STATS, logits, target, weight, None, None, stats, None, kind, params, ignore_index, False, vocab_start,
             total_classes)
@@ -569,7 +571,7 @@ def soft_loss_forward(logits, target, weight, grad, label_smoothing, softcap, gr
     for fp64 logits). logits, target, grad with unit column stride (grad may be ``logits``);
     weight (K,) or None; softcap 0: off."""
     num_rows, num_classes = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     row_loss = torch.empty(num_rows, dtype=acc, device=logits.device)
     if num_rows == 0:
         return row_loss

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..loss_reduction import total_weight
+
 
 def _gather_target(values: torch.Tensor, target: torch.Tensor, ignore_index: int):
     keep = target != ignore_index
@@ -84,27 +86,12 @@ def _weighted_soft_target(target, weight, label_smoothing, dtype):
     return q if weight is None else q * weight.to(dtype)
 
 
-def total_weight(target, weight=None, ignore_index=-100, dtype=torch.float64):
-    """The divisor of reduction="mean": Σ_i w_{y_i} over the rows that are not ignored, or the
-    number of rows for probability targets (as torch)."""
-    if target.is_floating_point():
-        return torch.tensor(float(target.shape[0]), dtype=dtype, device=target.device)
-    keep = target != ignore_index
-    return _class_factor(weight, torch.where(keep, target, 0), keep, dtype).sum()
-
-
 def reduce(rows, target, weight, ignore_index, reduction):
     if reduction == "none":
         return rows
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / total_weight(target, weight, ignore_index, rows.dtype)
-
-
-def mean_scale(total):
-    """1/Σw for reduction="mean", and 0 when no row counts: the loss is then 0/0 = NaN but the
-    gradient 0, as torch gives."""
-    return torch.where(total == 0, 0.0, 1.0 / torch.where(total == 0, 1.0, total))
 
 
 def rows_and_grad(loss, logits, target, weight=None, alpha=None, ignore_index=-100, label_smoothing=0.0,
