@@ -17,6 +17,11 @@ from .ncstats_checks import ieee_fp32_matmul
 # --------------------------------------------------------------------------------------------
 # the metrics
 # --------------------------------------------------------------------------------------------
+class UndefinedMetricError(ValueError):
+    """A metric came out non-finite: the statistics overflow float64 or their geometry leaves it
+    undefined (e.g. every feature 0, or two classes sharing a mean, for the CDNV)."""
+
+
 @dataclasses.dataclass
 class NCMetrics:
     """Neural-collapse metrics. Classifier metrics are ``None`` without a weight; second-pass
@@ -51,7 +56,7 @@ class NCMetrics:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{field.name}: came out {value}; the statistics overflow float64 or are degenerate "
+                raise UndefinedMetricError(f"{field.name}: came out {value}; the statistics overflow float64 or are degenerate "
                                  f"(e.g. two classes share a mean)")
 
     def as_dict(self) -> dict:

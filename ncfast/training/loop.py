@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..loss_choices import loss_function
+from ..ncstats_metrics import UndefinedMetricError
 from ..progress import progress_bar
 from ..tracker import NCTracker
 from .config import OPTIMIZERS, SCHEDULES, TrainConfig, check_config, check_training_set
@@ -67,6 +69,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+# the float metrics of a classifier's NCMetrics (what a degenerate evaluation logs as NaN)
+_NC_KEYS = ("nc1", "equinorm_means", "equiangularity_means", "max_angle_means", "cdnv", "nc2", "nc3", "nc4",
+            "equinorm_classifier", "equiangularity_classifier", "max_angle_classifier")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_size: int = 512,
              nc: bool = True, second_pass: bool = False) -> dict:
@@ -100,7 +107,14 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_siz
         dist.all_reduce(correct)
     result = {"accuracy": float(correct[0] / correct[1])}
     if nc:
-        result.update({key: value for key, value in tracker.compute().as_dict().items()
+        try:
+            metrics = tracker.compute().as_dict()
+        except UndefinedMetricError as error:
+            # A degenerate epoch (e.g. a dead layer: every feature 0) has no NC geometry; the log
+            # records NaN for it rather than ending the training run.
+            warnings.warn(f"NC metrics undefined at this evaluation: {error}", RuntimeWarning, stacklevel=2)
+            metrics = dict.fromkeys(_NC_KEYS + (("ncc_mismatch",) if second_pass else ()), math.nan)
+        result.update({key: value for key, value in metrics.items()
                        if isinstance(value, float) and key not in ("num_samples",)})
     net.train(was_training)
     return result
