@@ -825,15 +825,28 @@ A* output_vector(const py::object& obj, const char* name, int64_t n) {
 
 enum class Entry { forward, stats, from_stats };
 
+// Σ_i row_loss[i] in double, in a fixed order (eight interleaved partial sums, then the tail):
+// the same bits for every thread count, and the reduced loss needs no tensor op after the call.
+template <typename A>
+double sum_rows(const A* row_loss, int64_t n) {
+  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int q = 0; q < 8; ++q) lanes[q] += row_loss[i + q];
+  double sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; i < n; ++i) sum += row_loss[i];
+  return sum;
+}
+
 template <typename T>
 double run_entry(Entry entry, const Call& call, const py::object& grad_obj, const py::object& row_loss_obj,
-                 const py::object& row_lse_obj, const py::object& stats_obj, bool mean, double total_weight,
-                 int num_threads) {
+                 const py::object& row_lse_obj, const py::object& stats_obj, const py::object& reduced_obj,
+                 bool mean, double total_weight, int num_threads) {
   using A = typename acc_of<T>::type;
   const size_t itemsize = itemsize_of(call.dtype);
-  // The forward takes (B, K, S) logits and (B, S) targets; the vocabulary-parallel phases
-  // (N, K) and (N,).
-  const int ndim = entry == Entry::forward ? 3 : 2;
+  // The forward takes (B, K, S) logits with (B, S) targets, or (N, K) with (N,); the
+  // vocabulary-parallel phases (N, K) and (N,).
+  const int ndim = entry == Entry::forward && call.logits.request().ndim == 3 ? 3 : 2;
   const Blocks logits = blocks_of(call.logits, "logits", ndim, itemsize, false);
   const Blocks target = targets_of(call.target, ndim - 1);
   LossArgs<T> args = make_args<T>(call, logits, target);
@@ -854,6 +867,7 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
     if (!args.row_loss) throw py::value_error("row_loss: required");
     args.row_lse = output_vector<A>(row_lse_obj, "row_lse", N);
   }
+  T* reduced = output_vector<T>(reduced_obj, "reduced", 1);
 
   py::gil_scoped_release release;
   // Every entry reads class_weight[y] and alpha[y]: all targets are checked first.
@@ -874,6 +888,10 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
       const int64_t scratch = call.kind != kRescaledMSE ? K + (K + kRowBlock - 1) / kRowBlock : 0;
       run_rows<T>(args, fns.fused, false, scratch, num_threads);
     }
+    if (reduced) {
+      const double sum = sum_rows(args.row_loss, N);
+      *reduced = from_acc<T>(static_cast<A>(mean ? sum / total_weight : sum));
+    }
   } else {
     run_rows<T>(args, entry == Entry::stats ? fns.stats : fns.from_stats, false, 0, num_threads);
   }
@@ -881,15 +899,16 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
 }
 
 double dispatch(Entry entry, const Call& call, const py::object& grad, const py::object& row_loss,
-                const py::object& row_lse, const py::object& stats, bool mean, double total_weight, int num_threads) {
+                const py::object& row_lse, const py::object& stats, const py::object& reduced, bool mean,
+                double total_weight, int num_threads) {
   if (call.dtype == "float32")
-    return run_entry<float>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+    return run_entry<float>(entry, call, grad, row_loss, row_lse, stats, reduced, mean, total_weight, num_threads);
   if (call.dtype == "float64")
-    return run_entry<double>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+    return run_entry<double>(entry, call, grad, row_loss, row_lse, stats, reduced, mean, total_weight, num_threads);
   if (call.dtype == "bfloat16")
-    return run_entry<bf16>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+    return run_entry<bf16>(entry, call, grad, row_loss, row_lse, stats, reduced, mean, total_weight, num_threads);
   if (call.dtype == "float16")
-    return run_entry<f16>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+    return run_entry<f16>(entry, call, grad, row_loss, row_lse, stats, reduced, mean, total_weight, num_threads);
   throw py::type_error("logits: unsupported dtype " + call.dtype);
 }
 
@@ -972,20 +991,23 @@ void register_losses(py::module_& m) {
       [](const py::buffer& logits, const py::buffer& target, const py::object& grad, const py::object& row_loss,
          const py::object& row_lse, const std::string& dtype, int kind, double label_smoothing, double gamma,
          double kappa, double beta, double z_loss, double softcap, const py::object& class_weight,
-         const py::object& alpha, int64_t ignore_index, bool mean, int num_threads) {
+         const py::object& alpha, int64_t ignore_index, bool mean, int num_threads, const py::object& reduced) {
         Call call{logits, target, dtype, kind, label_smoothing, gamma, kappa, beta, z_loss, softcap,
                   class_weight, alpha, ignore_index, 0, -1};
-        return dispatch(Entry::forward, call, grad, row_loss, row_lse, py::none(), mean, 0.0, num_threads);
+        return dispatch(Entry::forward, call, grad, row_loss, row_lse, py::none(), reduced, mean, 0.0,
+                        num_threads);
       },
       py::arg("logits"), py::arg("target"), py::arg("grad"), py::arg("row_loss"), py::arg("row_lse"),
       py::arg("dtype"), py::arg("kind"), py::arg("label_smoothing"), py::arg("gamma"), py::arg("kappa"),
       py::arg("beta"), py::arg("z_loss"), py::arg("softcap"), py::arg("class_weight"), py::arg("alpha"),
-      py::arg("ignore_index"), py::arg("mean"), py::arg("num_threads"),
-      "Fused loss and gradient. logits, grad: (B, K, S) with any strides ((N, K) is (N, K, 1); "
-      "grad may be the logits buffer); target: (B, S) int64; row_loss, row_lse (or None): "
-      "(B·S,) fp32 (fp64 for fp64 logits), position b·S + s, receive w_y·ℓ and lse; "
-      "class_weight, alpha: (K,) float64 or None. grad[b, :, s] is w_y·∂ℓ/∂z[b, :, s], divided "
-      "by Σw when mean. Returns Σw over the counted positions.");
+      py::arg("ignore_index"), py::arg("mean"), py::arg("num_threads"), py::arg("reduced") = py::none(),
+      "Fused loss and gradient. logits, grad: (B, K, S) with any strides, or (N, K) with "
+      "contiguous rows (as (N, K, 1)); grad may be the logits buffer; target: (B, S) or (N,) "
+      "int64; row_loss, row_lse (or None): (B·S,) fp32 (fp64 for fp64 logits), position b·S + s, "
+      "receive w_y·ℓ and lse; class_weight, alpha: (K,) float64 or None. grad[b, :, s] is "
+      "w_y·∂ℓ/∂z[b, :, s], divided by Σw when mean. reduced (or None): a 1-element buffer of the "
+      "logits' dtype that receives Σ w_y·ℓ (divided by Σw when mean), summed in float64 in a fixed "
+      "order. Returns Σw over the counted positions.");
   m.def(
       "loss_row_stats",
       [](const py::buffer& logits, const py::buffer& target, const py::object& stats, const std::string& dtype,
@@ -993,7 +1015,7 @@ void register_losses(py::module_& m) {
          int64_t vocab_start, int64_t total_classes, int num_threads) {
         Call call{logits, target, dtype, kind, label_smoothing, 0.0, 1.0, 0.0, 0.0, softcap,
                   class_weight, py::none(), ignore_index, vocab_start, total_classes};
-        dispatch(Entry::stats, call, py::none(), py::none(), py::none(), stats, false, 0.0, num_threads);
+        dispatch(Entry::stats, call, py::none(), py::none(), py::none(), stats, py::none(), false, 0.0, num_threads);
       },
       py::arg("logits"), py::arg("target"), py::arg("stats"), py::arg("dtype"), py::arg("kind"),
       py::arg("label_smoothing"), py::arg("softcap"), py::arg("class_weight"), py::arg("ignore_index"),
@@ -1009,7 +1031,8 @@ void register_losses(py::module_& m) {
          int64_t total_classes, bool mean, double total_weight, int num_threads) {
         Call call{logits, target, dtype, kind, label_smoothing, gamma, kappa, beta, z_loss, softcap,
                   class_weight, alpha, ignore_index, vocab_start, total_classes};
-        dispatch(Entry::from_stats, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+        dispatch(Entry::from_stats, call, grad, row_loss, row_lse, stats, py::none(), mean, total_weight,
+                 num_threads);
       },
       py::arg("logits"), py::arg("target"), py::arg("stats"), py::arg("grad"), py::arg("row_loss"),
       py::arg("row_lse"), py::arg("dtype"), py::arg("kind"), py::arg("label_smoothing"), py::arg("gamma"),
