@@ -166,17 +166,6 @@ struct View {
 // Checks a buffer's rank and item size and returns its view; raises ValueError naming `name`.
 View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable);
 
-// A view of a Python buffer of up to three dimensions with any strides (in elements).
-struct StridedView {
-  void* data = nullptr;
-  int64_t shape[3] = {1, 1, 1};
-  int64_t strides[3] = {0, 0, 0};
-};
-
-// Checks a buffer's rank and item size and returns its shape and strides; raises ValueError
-// naming `name`.
-StridedView strided_view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable);
-
 // The number of threads a kernel may use, as the caller asked (torch.get_num_threads()).
 inline int thread_count(int requested) { return requested > 0 ? requested : 1; }
 

@@ -59,18 +59,39 @@ def _num_positions(logits: Tensor) -> int:
     return logits.shape[0] * (logits.shape[2] if logits.dim() == 3 else 1)
 
 
+def _float64_vector(vector: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-class vector as the C++ forward reads it: a contiguous float64 CPU tensor, or None."""
+    return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous()
+
+
+def _address(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _blocks_layout(tensor: Tensor) -> tuple:
+    """(outer, classes, inner) strides of (B, K, S) logits or gradients ((N, K) is S = 1)."""
+    strides = tensor.stride()
+    return strides if tensor.dim() == 3 else (strides[0], strides[1], 0)
+
+
 def _cpp_forward(logits, target, weight, alpha, grad, lse, options, mean):
-    if logits.dim() == 2 and (logits.stride(1) != 1 or grad.stride(1) != 1):  # (N, K) rows must be contiguous
-        logits, grad, target = logits[:, :, None], grad[:, :, None], target[:, None]
-    rows = torch.empty(_num_positions(logits), dtype=accumulation_dtype(logits.dtype))
+    # The kernel reads and writes these tensors by address, with sizes and strides passed
+    # alongside: no per-call buffer objects (which cost more than a small call's kernel).
+    # ``target`` comes as (B, S) or (N,) int64; the other tensors are this module's own.
+    B, K = logits.shape[0], logits.shape[1]
+    S = logits.shape[2] if logits.dim() == 3 else 1
+    if target.dtype != torch.int64:
+        target = target.to(torch.int64)
+    target_strides = target.stride() if target.dim() == 2 else (target.stride(0), 0)
+    rows = torch.empty(B * S, dtype=accumulation_dtype(logits.dtype))
     # The kernel also reduces the rows (float64, fixed order): no tensor op after the call.
     value = None if options.reduction == "none" else torch.empty((), dtype=logits.dtype)
+    weight, alpha = _float64_vector(weight), _float64_vector(alpha)
     total = _backend._C.loss_forward(
-        _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
-        lse.numpy(), dtype_name(logits.dtype), options.kind, options.label_smoothing, options.gamma,
-        options.kappa, options.beta, options.lse_square_scale, options.softcap, as_float64(weight),
-        as_float64(alpha), options.ignore_index, mean, torch.get_num_threads(),
-        None if value is None else _backend.cpu_buffer(value.view(1)),
+        logits.data_ptr(), B, K, S, *_blocks_layout(logits), target.data_ptr(), *target_strides, grad.data_ptr(),
+        *_blocks_layout(grad), rows.data_ptr(), lse.data_ptr(), _address(value), dtype_name(logits.dtype),
+        options.kind, options.label_smoothing, options.gamma, options.kappa, options.beta, options.lse_square_scale,
+        options.softcap, _address(weight), _address(alpha), options.ignore_index, mean, torch.get_num_threads(),
     )
     return rows, total, value
 

@@ -163,7 +163,7 @@ def test_class_strided_read_in_place(layout):
     view, view_target, _ = _as_rows(logits, target)
     assert view.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
     value, grad, lse = torch.ops.ncfast.fused_loss(view, view_target, None, None, "cross_entropy", 0.0, 2.0, 1.0, 1.0,
-                                                   -100, "sum")
+                                                   0.0, 0.0, -100, "sum")
     if view.is_contiguous() or view.is_contiguous(memory_format=torch.channels_last):
         assert grad.stride() == view.stride()
     rows, expected, expected_lse = expected_rows_and_grad("cross_entropy", logits, target, None, {})
