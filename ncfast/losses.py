@@ -412,12 +412,20 @@ def _fused(loss, logits, target, weight, inplace_backward, return_lse=False, pro
     elif torch.compiler.is_compiling():  # the op, whose autograd is registered: dynamo traces no custom jvp
         value, _, lse = torch.ops.ncfast.fused_loss(rows_logits, rows_target, weight, alpha, *options)
     elif torch._C._functorch.maybe_current_level() is None:  # no torch.func transform around this call
-        value, _, lse = loss_autograd.FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options)
+        if _functorch_wrapped(rows_logits, rows_target, weight, alpha):  # left over from a finished transform
+            value, _, lse = loss_autograd.FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options)
+        else:
+            value, _, lse = loss_autograd.apply_eager(rows_logits, rows_target, weight, alpha, options)
     else:
         value, _, lse = loss_autograd.FusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
     if options.reduction == "none":
         value = value.reshape(sample_shape)
     return (value, lse.reshape(sample_shape)) if return_lse else value
+
+
+def _functorch_wrapped(*tensors) -> bool:
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(tensor is not None and is_wrapped(tensor) for tensor in tensors)
 
 
 def _check_soft_target(options: LossOptions, process_group, inplace_backward) -> None:
