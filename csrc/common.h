@@ -183,6 +183,10 @@ inline int thread_index() {
 // granted, and callers make each item's result independent of it (deterministic output).
 template <typename Body>
 void parallel_ranges(int64_t n, int threads, Body&& body) {
+  if (threads <= 1) {  // no parallel region to start (a small call's fixed cost); the same split
+    body(0, n);
+    return;
+  }
 #pragma omp parallel num_threads(threads)
   {
     int t = 0, nt = 1;
