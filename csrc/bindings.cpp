@@ -24,17 +24,6 @@ py::buffer_info checked_info(const py::buffer& buffer, const char* name, int ndi
 
 }  // namespace
 
-StridedView strided_view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable) {
-  py::buffer_info info = checked_info(buffer, name, ndim, itemsize, writable);
-  StridedView v;
-  v.data = info.ptr;
-  for (int d = 0; d < ndim; ++d) {
-    v.shape[d] = info.shape[d];
-    v.strides[d] = info.strides[d] / info.itemsize;
-  }
-  return v;
-}
-
 View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable) {
   py::buffer_info info = checked_info(buffer, name, ndim, itemsize, writable);
   View v;

@@ -166,17 +166,6 @@ struct View {
 // Checks a buffer's rank and item size and returns its view; raises ValueError naming `name`.
 View view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable);
 
-// A view of a Python buffer of up to three dimensions with any strides (in elements).
-struct StridedView {
-  void* data = nullptr;
-  int64_t shape[3] = {1, 1, 1};
-  int64_t strides[3] = {0, 0, 0};
-};
-
-// Checks a buffer's rank and item size and returns its shape and strides; raises ValueError
-// naming `name`.
-StridedView strided_view_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable);
-
 // The number of threads a kernel may use, as the caller asked (torch.get_num_threads()).
 inline int thread_count(int requested) { return requested > 0 ? requested : 1; }
 
@@ -194,6 +183,10 @@ inline int thread_index() {
 // granted, and callers make each item's result independent of it (deterministic output).
 template <typename Body>
 void parallel_ranges(int64_t n, int threads, Body&& body) {
+  if (threads <= 1) {  // no parallel region to start (a small call's fixed cost); the same split
+    body(0, n);
+    return;
+  }
 #pragma omp parallel num_threads(threads)
   {
     int t = 0, nt = 1;

@@ -751,13 +751,9 @@ void run_rows(const LossArgs<T>& args, RowsFn<T> fn, bool tiles, int64_t scratch
 
 // The arguments every entry point shares, checked and turned into LossArgs.
 struct Call {
-  const py::buffer& logits;
-  const py::buffer& target;
   const std::string& dtype;
   int kind;
   double label_smoothing, gamma, kappa, beta, z_loss, softcap;
-  const py::object& class_weight;
-  const py::object& alpha;
   int64_t ignore_index;
   int64_t vocab_start, total_classes;  // total_classes < 0: all classes are here
 };
@@ -769,27 +765,34 @@ struct Blocks {
   Layout layout;
 };
 
-Blocks blocks_of(const py::buffer& buffer, const char* name, int ndim, size_t itemsize, bool writable) {
-  if (ndim == 3) {
-    StridedView v = strided_view_of(buffer, name, 3, itemsize, writable);
-    return {v.data, v.shape[0], v.shape[1], v.shape[2], {v.strides[0], v.strides[2], v.strides[1]}};
-  }
+// An (N, K) buffer with contiguous rows as (N, K, 1) blocks.
+Blocks blocks_of(const py::buffer& buffer, const char* name, size_t itemsize, bool writable) {
   View v = view_of(buffer, name, 2, itemsize, writable);
   return {v.data, v.rows, v.cols, 1, {v.row_stride, 0, 1}};
 }
 
-// The targets of a (B, K, S) buffer: (B, S), or (N,) when S = 1.
-Blocks targets_of(const py::buffer& buffer, int ndim) {
-  if (ndim == 2) {
-    StridedView v = strided_view_of(buffer, "target", 2, sizeof(int64_t), false);
-    return {v.data, v.shape[0], 1, v.shape[1], {v.strides[0], v.strides[1], 0}};
-  }
+// (N,) targets as (N, 1) blocks.
+Blocks targets_of(const py::buffer& buffer) {
   View v = view_of(buffer, "target", 1, sizeof(int64_t), false);
   return {v.data, v.rows, 1, 1, {v.row_stride, 0, 0}};
 }
 
+// The tensors of one call as addresses and (B, K, S) layouts, resolved at the entry point:
+// from buffers (checked there) or from the addresses the Python layer passes for its own tensors.
+struct Buffers {
+  Blocks logits, target, grad;  // grad.data null: no gradient (the statistics phase)
+  const double* class_weight;   // (total_classes,) or null
+  const double* alpha;          // (total_classes,) or null
+  void* row_loss;               // (B·S,) of the accumulation type
+  void* row_lse;                // (B·S,) or null
+  void* stats;                  // (B·S, kStatsFields) or null
+  void* reduced;                // one element of the logits' type, or null
+};
+
 template <typename T>
-LossArgs<T> make_args(const Call& call, const Blocks& logits, const Blocks& target) {
+LossArgs<T> make_args(const Call& call, const Buffers& buffers) {
+  const Blocks& logits = buffers.logits;
+  const Blocks& target = buffers.target;
   LossArgs<T> args{};
   if (call.kind < kCrossEntropy || call.kind > kRescaledMSE) throw py::value_error("kind: unknown loss");
   args.logits = static_cast<const T*>(logits.data);
@@ -802,8 +805,8 @@ LossArgs<T> make_args(const Call& call, const Blocks& logits, const Blocks& targ
   if (call.vocab_start < 0 || call.vocab_start + logits.K > total)
     throw py::value_error("vocab_start: the slice [vocab_start, vocab_start + K) must lie in [0, total_classes)");
   args.slice = {logits.K, call.vocab_start, total};
-  args.class_weight = optional_vector(call.class_weight, "weight", total);
-  args.alpha = optional_vector(call.alpha, "alpha", total);
+  args.class_weight = buffers.class_weight;
+  args.alpha = buffers.alpha;
   args.ignore_index = call.ignore_index;
   args.opt = {call.kind, call.label_smoothing, call.gamma, call.kappa, call.beta, call.z_loss, call.softcap};
   args.total_class_weight = 0;
@@ -814,46 +817,76 @@ LossArgs<T> make_args(const Call& call, const Blocks& logits, const Blocks& targ
   return args;
 }
 
-template <typename A>
-A* output_vector(const py::object& obj, const char* name, int64_t n) {
+void* output_vector(const py::object& obj, const char* name, int64_t n, size_t itemsize) {
   if (obj.is_none()) return nullptr;
-  View v = view_of(obj.cast<py::buffer>(), name, 1, sizeof(A), true);
+  View v = view_of(obj.cast<py::buffer>(), name, 1, itemsize, true);
   if (v.rows != n || (v.row_stride != 1 && n > 1))
     throw py::value_error(std::string(name) + ": expected a contiguous vector with one entry per position");
-  return static_cast<A*>(v.data);
+  return v.data;
 }
 
 enum class Entry { forward, stats, from_stats };
 
+// The vocabulary-parallel phases' buffers: (N, K) logits, (N,) targets, (N, 5) statistics,
+// (N, K) gradient and (N,) outputs (the second phase only), each checked here.
+Buffers checked_buffers(Entry entry, const Call& call, const py::buffer& logits_obj, const py::buffer& target_obj,
+                        const py::object& stats_obj, const py::object& grad_obj, const py::object& row_loss_obj,
+                        const py::object& row_lse_obj, const py::object& class_weight, const py::object& alpha) {
+  const size_t itemsize = itemsize_of(call.dtype), acc_size = call.dtype == "float64" ? 8 : 4;
+  Buffers b{};
+  b.logits = blocks_of(logits_obj, "logits", itemsize, false);
+  b.target = targets_of(target_obj);
+  const int64_t N = b.logits.B, total = call.total_classes < 0 ? b.logits.K : call.total_classes;
+  b.class_weight = optional_vector(class_weight, "weight", total);
+  b.alpha = optional_vector(alpha, "alpha", total);
+  View stats = view_of(stats_obj.cast<py::buffer>(), "stats", 2, acc_size, entry == Entry::stats);
+  if (stats.rows != N || stats.cols != kStatsFields || (stats.row_stride != kStatsFields && N > 1))
+    throw py::value_error("stats: expected a contiguous (N, 5) buffer");
+  b.stats = stats.data;
+  if (entry == Entry::from_stats) {
+    b.grad = blocks_of(grad_obj.cast<py::buffer>(), "grad", itemsize, true);
+    b.row_loss = output_vector(row_loss_obj, "row_loss", N, acc_size);
+    b.row_lse = output_vector(row_lse_obj, "row_lse", N, acc_size);
+  }
+  return b;
+}
+
+// A tensor of the Python layer, passed as its address and (B, K, S) sizes and strides in elements.
+Blocks blocks_at(uintptr_t address, int64_t B, int64_t K, int64_t S, int64_t outer, int64_t classes, int64_t inner) {
+  return {reinterpret_cast<void*>(address), B, K, S, {outer, inner, classes}};
+}
+
+// Σ_i row_loss[i] in double, in a fixed order (eight interleaved partial sums, then the tail):
+// the same bits for every thread count, and the reduced loss needs no tensor op after the call.
+template <typename A>
+double sum_rows(const A* row_loss, int64_t n) {
+  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int q = 0; q < 8; ++q) lanes[q] += row_loss[i + q];
+  double sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; i < n; ++i) sum += row_loss[i];
+  return sum;
+}
+
 template <typename T>
-double run_entry(Entry entry, const Call& call, const py::object& grad_obj, const py::object& row_loss_obj,
-                 const py::object& row_lse_obj, const py::object& stats_obj, bool mean, double total_weight,
+double run_entry(Entry entry, const Call& call, const Buffers& buffers, bool mean, double total_weight,
                  int num_threads) {
   using A = typename acc_of<T>::type;
-  const size_t itemsize = itemsize_of(call.dtype);
-  // The forward takes (B, K, S) logits and (B, S) targets; the vocabulary-parallel phases
-  // (N, K) and (N,).
-  const int ndim = entry == Entry::forward ? 3 : 2;
-  const Blocks logits = blocks_of(call.logits, "logits", ndim, itemsize, false);
-  const Blocks target = targets_of(call.target, ndim - 1);
-  LossArgs<T> args = make_args<T>(call, logits, target);
-  const int64_t N = args.num_rows, K = logits.K;
-  if (entry != Entry::forward) {
-    View stats = view_of(stats_obj.cast<py::buffer>(), "stats", 2, sizeof(A), entry == Entry::stats);
-    if (stats.rows != N || stats.cols != kStatsFields || (stats.row_stride != kStatsFields && N > 1))
-      throw py::value_error("stats: expected a contiguous (N, 5) buffer");
-    args.stats = static_cast<A*>(stats.data);
-  }
+  LossArgs<T> args = make_args<T>(call, buffers);
+  const int64_t N = args.num_rows, K = buffers.logits.K;
+  args.stats = static_cast<A*>(buffers.stats);
   if (entry != Entry::stats) {
-    const Blocks grad = blocks_of(grad_obj.cast<py::buffer>(), "grad", ndim, itemsize, true);
-    if (grad.B != logits.B || grad.K != K || grad.S != logits.S)
+    const Blocks& grad = buffers.grad;
+    if (grad.B != buffers.logits.B || grad.K != K || grad.S != buffers.logits.S)
       throw py::value_error("grad: shape differs from logits");
     args.grad = static_cast<T*>(grad.data);
     args.grad_layout = grad.layout;
-    args.row_loss = output_vector<A>(row_loss_obj, "row_loss", N);
-    if (!args.row_loss) throw py::value_error("row_loss: required");
-    args.row_lse = output_vector<A>(row_lse_obj, "row_lse", N);
+    args.row_loss = static_cast<A*>(buffers.row_loss);
+    if (!args.row_loss && N > 0) throw py::value_error("row_loss: required");
+    args.row_lse = static_cast<A*>(buffers.row_lse);
   }
+  T* reduced = static_cast<T*>(buffers.reduced);
 
   py::gil_scoped_release release;
   // Every entry reads class_weight[y] and alpha[y]: all targets are checked first.
@@ -874,22 +907,26 @@ double run_entry(Entry entry, const Call& call, const py::object& grad_obj, cons
       const int64_t scratch = call.kind != kRescaledMSE ? K + (K + kRowBlock - 1) / kRowBlock : 0;
       run_rows<T>(args, fns.fused, false, scratch, num_threads);
     }
+    if (reduced) {
+      const double sum = sum_rows(args.row_loss, N);
+      *reduced = from_acc<T>(static_cast<A>(mean ? sum / total_weight : sum));
+    }
   } else {
     run_rows<T>(args, entry == Entry::stats ? fns.stats : fns.from_stats, false, 0, num_threads);
   }
   return total_weight;
 }
 
-double dispatch(Entry entry, const Call& call, const py::object& grad, const py::object& row_loss,
-                const py::object& row_lse, const py::object& stats, bool mean, double total_weight, int num_threads) {
+double dispatch(Entry entry, const Call& call, const Buffers& buffers, bool mean, double total_weight,
+                int num_threads) {
   if (call.dtype == "float32")
-    return run_entry<float>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+    return run_entry<float>(entry, call, buffers, mean, total_weight, num_threads);
   if (call.dtype == "float64")
-    return run_entry<double>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+    return run_entry<double>(entry, call, buffers, mean, total_weight, num_threads);
   if (call.dtype == "bfloat16")
-    return run_entry<bf16>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+    return run_entry<bf16>(entry, call, buffers, mean, total_weight, num_threads);
   if (call.dtype == "float16")
-    return run_entry<f16>(entry, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+    return run_entry<f16>(entry, call, buffers, mean, total_weight, num_threads);
   throw py::type_error("logits: unsupported dtype " + call.dtype);
 }
 
@@ -948,9 +985,9 @@ void run_soft(const py::buffer& logits_obj, const py::buffer& target_obj, const 
   const int64_t N = logits.rows, K = logits.cols;
   if (target.rows != N || target.cols != K) throw py::value_error("target: shape differs from logits");
   if (grad.rows != N || grad.cols != K) throw py::value_error("grad: shape differs from logits");
-  A* row_loss = output_vector<A>(row_loss_obj, "row_loss", N);
+  A* row_loss = static_cast<A*>(output_vector(row_loss_obj, "row_loss", N, sizeof(A)));
   if (!row_loss) throw py::value_error("row_loss: required");
-  A* row_lse = output_vector<A>(row_lse_obj, "row_lse", N);
+  A* row_lse = static_cast<A*>(output_vector(row_lse_obj, "row_lse", N, sizeof(A)));
   const double* class_weight = optional_vector(class_weight_obj, "weight", K);
   py::gil_scoped_release release;
   if (N == 0 || K == 0) return;
@@ -969,31 +1006,44 @@ void run_soft(const py::buffer& logits_obj, const py::buffer& target_obj, const 
 void register_losses(py::module_& m) {
   m.def(
       "loss_forward",
-      [](const py::buffer& logits, const py::buffer& target, const py::object& grad, const py::object& row_loss,
-         const py::object& row_lse, const std::string& dtype, int kind, double label_smoothing, double gamma,
-         double kappa, double beta, double z_loss, double softcap, const py::object& class_weight,
-         const py::object& alpha, int64_t ignore_index, bool mean, int num_threads) {
-        Call call{logits, target, dtype, kind, label_smoothing, gamma, kappa, beta, z_loss, softcap,
-                  class_weight, alpha, ignore_index, 0, -1};
-        return dispatch(Entry::forward, call, grad, row_loss, row_lse, py::none(), mean, 0.0, num_threads);
+      [](uintptr_t logits, int64_t B, int64_t K, int64_t S, int64_t logits_outer, int64_t logits_classes,
+         int64_t logits_inner, uintptr_t target, int64_t target_outer, int64_t target_inner, uintptr_t grad,
+         int64_t grad_outer, int64_t grad_classes, int64_t grad_inner, uintptr_t row_loss, uintptr_t row_lse,
+         uintptr_t reduced, const std::string& dtype, int kind, double label_smoothing, double gamma, double kappa,
+         double beta, double z_loss, double softcap, uintptr_t class_weight, uintptr_t alpha, int64_t ignore_index,
+         bool mean, int num_threads) {
+        if (B < 0 || K < 0 || S < 0) throw py::value_error("logits: negative size");
+        itemsize_of(dtype);
+        Call call{dtype, kind, label_smoothing, gamma, kappa, beta, z_loss, softcap, ignore_index, 0, -1};
+        Buffers buffers{};
+        buffers.logits = blocks_at(logits, B, K, S, logits_outer, logits_classes, logits_inner);
+        buffers.target = blocks_at(target, B, 1, S, target_outer, 0, target_inner);
+        buffers.grad = blocks_at(grad, B, K, S, grad_outer, grad_classes, grad_inner);
+        buffers.class_weight = reinterpret_cast<const double*>(class_weight);
+        buffers.alpha = reinterpret_cast<const double*>(alpha);
+        buffers.row_loss = reinterpret_cast<void*>(row_loss);
+        buffers.row_lse = reinterpret_cast<void*>(row_lse);
+        buffers.reduced = reinterpret_cast<void*>(reduced);
+        return dispatch(Entry::forward, call, buffers, mean, 0.0, num_threads);
       },
-      py::arg("logits"), py::arg("target"), py::arg("grad"), py::arg("row_loss"), py::arg("row_lse"),
-      py::arg("dtype"), py::arg("kind"), py::arg("label_smoothing"), py::arg("gamma"), py::arg("kappa"),
-      py::arg("beta"), py::arg("z_loss"), py::arg("softcap"), py::arg("class_weight"), py::arg("alpha"),
-      py::arg("ignore_index"), py::arg("mean"), py::arg("num_threads"),
-      "Fused loss and gradient. logits, grad: (B, K, S) with any strides ((N, K) is (N, K, 1); "
-      "grad may be the logits buffer); target: (B, S) int64; row_loss, row_lse (or None): "
-      "(B·S,) fp32 (fp64 for fp64 logits), position b·S + s, receive w_y·ℓ and lse; "
-      "class_weight, alpha: (K,) float64 or None. grad[b, :, s] is w_y·∂ℓ/∂z[b, :, s], divided "
-      "by Σw when mean. Returns Σw over the counted positions.");
+      "Fused loss and gradient, on the Python layer's own tensors passed by address (0 for an "
+      "absent one) with their (B, K, S) sizes and strides in elements ((N, K) is S = 1); the "
+      "caller guarantees the shapes: logits and grad (B, K, S) of `dtype` (grad may be the logits "
+      "buffer), target (B, S) int64, row_loss and row_lse (B·S,) fp32 (fp64 for fp64 logits), "
+      "position b·S + s, receiving w_y·ℓ and lse; class_weight, alpha: (K,) float64; reduced: one "
+      "element of `dtype` receiving Σ w_y·ℓ (divided by Σw when mean), summed in float64 in a "
+      "fixed order. grad[b, :, s] is w_y·∂ℓ/∂z[b, :, s], divided by Σw when mean. Targets are "
+      "checked (ValueError) before anything is read through them. Returns Σw over the counted "
+      "positions.");
   m.def(
       "loss_row_stats",
       [](const py::buffer& logits, const py::buffer& target, const py::object& stats, const std::string& dtype,
          int kind, double label_smoothing, double softcap, const py::object& class_weight, int64_t ignore_index,
          int64_t vocab_start, int64_t total_classes, int num_threads) {
-        Call call{logits, target, dtype, kind, label_smoothing, 0.0, 1.0, 0.0, 0.0, softcap,
-                  class_weight, py::none(), ignore_index, vocab_start, total_classes};
-        dispatch(Entry::stats, call, py::none(), py::none(), py::none(), stats, false, 0.0, num_threads);
+        Call call{dtype, kind, label_smoothing, 0.0, 1.0, 0.0, 0.0, softcap, ignore_index, vocab_start, total_classes};
+        const Buffers buffers = checked_buffers(Entry::stats, call, logits, target, stats, py::none(), py::none(),
+                                                py::none(), class_weight, py::none());
+        dispatch(Entry::stats, call, buffers, false, 0.0, num_threads);
       },
       py::arg("logits"), py::arg("target"), py::arg("stats"), py::arg("dtype"), py::arg("kind"),
       py::arg("label_smoothing"), py::arg("softcap"), py::arg("class_weight"), py::arg("ignore_index"),
@@ -1007,9 +1057,11 @@ void register_losses(py::module_& m) {
          double label_smoothing, double gamma, double kappa, double beta, double z_loss, double softcap,
          const py::object& class_weight, const py::object& alpha, int64_t ignore_index, int64_t vocab_start,
          int64_t total_classes, bool mean, double total_weight, int num_threads) {
-        Call call{logits, target, dtype, kind, label_smoothing, gamma, kappa, beta, z_loss, softcap,
-                  class_weight, alpha, ignore_index, vocab_start, total_classes};
-        dispatch(Entry::from_stats, call, grad, row_loss, row_lse, stats, mean, total_weight, num_threads);
+        Call call{dtype, kind, label_smoothing, gamma, kappa, beta, z_loss, softcap, ignore_index, vocab_start,
+                  total_classes};
+        const Buffers buffers = checked_buffers(Entry::from_stats, call, logits, target, stats, grad, row_loss,
+                                                row_lse, class_weight, alpha);
+        dispatch(Entry::from_stats, call, buffers, mean, total_weight, num_threads);
       },
       py::arg("logits"), py::arg("target"), py::arg("stats"), py::arg("grad"), py::arg("row_loss"),
       py::arg("row_lse"), py::arg("dtype"), py::arg("kind"), py::arg("label_smoothing"), py::arg("gamma"),

@@ -37,10 +37,10 @@ __all__ = ["LOSSES", "LossOptions", "loss_options", "cross_entropy", "focal_loss
 
 
 # --------------------------------------------------------------------------------------------
-# backends: each takes logits as a (B, K, S) view with the caller's strides ((N, K) is
-# (N, K, 1)), targets (B, S), fills ``grad`` (laid out as the logits, or the logits
-# themselves) and ``lse`` (B·S,), and returns (per-position loss w_y·ℓ (B·S,) in b-major order,
-# Σw of the counted positions)
+# backends: each takes logits as a (B, K, S) view with the caller's strides and targets (B, S),
+# or (N, K) logits with (N,) targets (S = 1), fills ``grad`` (laid out as the logits, or the
+# logits themselves) and ``lse`` (B·S,), and returns (per-position loss w_y·ℓ (B·S,) in b-major
+# order, Σw of the counted positions, the reduced loss or None where the caller reduces)
 # --------------------------------------------------------------------------------------------
 def as_float64(vector: Optional[Tensor]):
     """A per-class vector as the C++ kernels read it: a float64 numpy array, or None."""
@@ -52,17 +52,46 @@ def _num_positions(logits: Tensor) -> int:
     return logits.shape[0] * (logits.shape[2] if logits.dim() == 3 else 1)
 
 
-def _cpp_forward(logits, target, weight, alpha, grad, lse, options, mean):
-    from . import _C
+def _float64_vector(vector: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-class vector as the C++ forward reads it: a contiguous float64 CPU tensor, or None."""
+    return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous()
 
-    rows = torch.empty(_num_positions(logits), dtype=accumulation_dtype(logits.dtype))
-    total = _C.loss_forward(
-        _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
-        lse.numpy(), dtype_name(logits.dtype), options.kind, options.label_smoothing, options.gamma,
-        options.kappa, options.beta, options.lse_square_scale, options.softcap, as_float64(weight),
-        as_float64(alpha), options.ignore_index, mean, torch.get_num_threads(),
+
+def _address(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _blocks_layout(tensor: Tensor) -> tuple:
+    """(outer, classes, inner) strides of (B, K, S) logits or gradients ((N, K) is S = 1)."""
+    strides = tensor.stride()
+    return strides if tensor.dim() == 3 else (strides[0], strides[1], 0)
+
+
+def _cpp_forward(logits, target, weight, alpha, grad, lse, options, mean):
+    # The kernel reads and writes these tensors by address, with sizes and strides passed
+    # alongside: no per-call buffer objects (which cost more than a small call's kernel).
+    # ``target`` comes as (B, S) or (N,) int64; the other tensors are this module's own.
+    B, K = logits.shape[0], logits.shape[1]
+    S = logits.shape[2] if logits.dim() == 3 else 1
+    if target.dtype != torch.int64:
+        target = target.to(torch.int64)
+    target_strides = target.stride() if target.dim() == 2 else (target.stride(0), 0)
+    rows = torch.empty(B * S, dtype=accumulation_dtype(logits.dtype))
+    # The kernel also reduces the rows (float64, fixed order): no tensor op after the call.
+    value = None if options.reduction == "none" else torch.empty((), dtype=logits.dtype)
+    weight, alpha = _float64_vector(weight), _float64_vector(alpha)
+    total = _backend._C.loss_forward(
+        logits.data_ptr(), B, K, S, *_blocks_layout(logits), target.data_ptr(), *target_strides, grad.data_ptr(),
+        *_blocks_layout(grad), rows.data_ptr(), lse.data_ptr(), _address(value), dtype_name(logits.dtype),
+        options.kind, options.label_smoothing, options.gamma, options.kappa, options.beta, options.lse_square_scale,
+        options.softcap, _address(weight), _address(alpha), options.ignore_index, mean, torch.get_num_threads(),
     )
-    return rows, total
+    return rows, total, value
+
+
+def _as_blocks(tensor: Tensor) -> Tensor:
+    """(N, K) as the (N, K, 1) view; (B, K, S) as it is."""
+    return tensor if tensor.dim() == 3 else tensor[:, :, None]
 
 
 def _class_last(logits: Tensor) -> Tensor:
@@ -81,9 +110,10 @@ def _torch_rows(logits, target, weight, alpha, lse, options, mean):
 
 
 def _torch_forward(logits, target, weight, alpha, grad, lse, options, mean):
+    logits, grad = _as_blocks(logits), _as_blocks(grad)
     rows, g, total = _torch_rows(_class_last(logits), target.reshape(-1), weight, alpha, lse, options, mean)
     grad.copy_(g.reshape(logits.shape[0], logits.shape[2], logits.shape[1]).movedim(-1, 1))
-    return rows, total
+    return rows, total, None
 
 
 def _torch_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
@@ -97,8 +127,10 @@ def _triton_forward(logits, target, weight, alpha, grad, lse, options, mean):
 
     # The (B, K, S) view as it lies, any strides: the kernel reads class-strided tiles in place
     # and writes the gradient in ``grad``'s own layout (no transposed copy in or out).
-    return kernels.loss_forward(logits, target, weight, alpha, grad, options.kind, options.params(),
-                                options.ignore_index, mean, lse)
+    target = target if target.dim() == 2 else target[:, None]
+    rows, total = kernels.loss_forward(_as_blocks(logits), target, weight, alpha, _as_blocks(grad), options.kind,
+                                       options.params(), options.ignore_index, mean, lse)
+    return rows, total, None
 
 
 _BACKEND_FORWARD = {"cpp": _cpp_forward, "torch": _torch_forward, "triton": _triton_forward}
@@ -177,12 +209,10 @@ def _forward(logits, target, weight, alpha, grad, lse, options: LossOptions) -> 
         if out is not grad:
             grad.copy_(out)
         return reduce_rows(rows, total, options.reduction, logits.dtype)
-    if logits.dim() == 2:
-        logits, grad, target = logits[:, :, None], grad[:, :, None], target[:, None]
     if backend != "cpp" and target.device.type == "cpu":
         check_target_values(target.reshape(-1), logits.shape[1], options.ignore_index)
-    rows, total = _BACKEND_FORWARD[backend](logits, target, weight, alpha, grad, lse, options, mean)
-    return reduce_rows(rows, total, options.reduction, logits.dtype)
+    rows, total, value = _BACKEND_FORWARD[backend](logits, target, weight, alpha, grad, lse, options, mean)
+    return reduce_rows(rows, total, options.reduction, logits.dtype) if value is None else value
 
 
 class _GradientWorkspace:
@@ -221,9 +251,15 @@ _workspace = _GradientWorkspace()
 release_workspace = _workspace.release
 
 
+# Below glibc's default mmap threshold (128 KiB) a fresh buffer comes from the heap without page
+# faults: cheaper than the workspace's lock and storage check.
+_WORKSPACE_MIN_BYTES = 128 * 1024
+
+
 def _new_gradient(logits: Tensor) -> Tensor:
-    """A gradient buffer laid out as ``logits`` (the workspace when they are contiguous)."""
-    if logits.device.type == "cpu" and logits.is_contiguous() and hasattr(torch._C, "_storage_Use_Count"):
+    """A gradient buffer laid out as ``logits`` (the workspace when they are contiguous and large)."""
+    if (logits.device.type == "cpu" and logits.numel() * logits.element_size() >= _WORKSPACE_MIN_BYTES
+            and logits.is_contiguous() and hasattr(torch._C, "_storage_Use_Count")):
         return _workspace.take(logits.shape, logits.dtype)
     return torch.empty_like(logits)
 
@@ -290,8 +326,9 @@ torch.library.register_autograd("ncfast::fused_loss", loss_autograd.backward, se
 def _as_rows(logits: Tensor, target: Tensor):
     """torch's conventions: (K,) with a scalar target, (N, K) with (N,), or (N, K, d1, ...)
     with (N, d1, ...); probability targets have the logits' shape. Returns, for class indices,
-    the logits as a (B, K, S) view with their own strides (S = d1·d2·…, 1 for (N, K); a copy only
-    where the trailing dims cannot be flattened in place) and the target as (B, S) int64; for
+    the logits as a (B, K, S) view with their own strides (S = d1·d2·…; a copy only where the
+    trailing dims cannot be flattened in place) and the target as (B, S) int64, or (N, K)
+    logits as they are with (N,) int64 targets ((K,) logits are (1, K, 1)); for
     probability targets (N·d1·…, K) class-last logits and targets; and the shape of a
     per-sample output."""
     _checks.float_tensor("logits", logits, "(N, K)")
@@ -322,10 +359,12 @@ def _as_rows(logits: Tensor, target: Tensor):
     elif soft:
         logits = logits.movedim(1, -1).reshape(-1, num_classes)
         target = target.movedim(1, -1).reshape(-1, num_classes)
-    else:
+    elif logits.dim() > 2:
         logits = logits.reshape(logits.shape[0], num_classes, math.prod(logits.shape[2:]))
     if soft:
         return logits, target, expected
+    if logits.dim() == 2:
+        return logits, target.to(torch.int64), expected
     return logits, target.reshape(logits.shape[0], logits.shape[2]).to(torch.int64), expected
 
 
@@ -366,12 +405,20 @@ def _fused(loss, logits, target, weight, inplace_backward, return_lse=False, pro
     elif torch.compiler.is_compiling():  # the op, whose autograd is registered: dynamo traces no custom jvp
         value, _, lse = torch.ops.ncfast.fused_loss(rows_logits, rows_target, weight, alpha, *options)
     elif torch._C._functorch.maybe_current_level() is None:  # no torch.func transform around this call
-        value, _, lse = loss_autograd.FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options)
+        if _functorch_wrapped(rows_logits, rows_target, weight, alpha):  # left over from a finished transform
+            value, _, lse = loss_autograd.FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options)
+        else:
+            value, _, lse = loss_autograd.apply_eager(rows_logits, rows_target, weight, alpha, options)
     else:
         value, _, lse = loss_autograd.FusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
     if options.reduction == "none":
         value = value.reshape(sample_shape)
     return (value, lse.reshape(sample_shape)) if return_lse else value
+
+
+def _functorch_wrapped(*tensors) -> bool:
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(tensor is not None and is_wrapped(tensor) for tensor in tensors)
 
 
 def _check_soft_target(options: LossOptions, process_group, inplace_backward) -> None:

@@ -414,12 +414,13 @@ def test_cpp_kernel_checks_targets_itself():
     """The C++ entry points never read through an out-of-range target, even if called directly."""
     from ncfast import _C
 
-    logits, target = torch.randn(2, 4), torch.tensor([0, 4]).numpy()
-    common = dict(dtype="float32", kind=0, label_smoothing=0.0, class_weight=None, ignore_index=-100)
+    logits, target = torch.randn(2, 4), torch.tensor([0, 4])
+    grad, rows = torch.empty(2, 4), torch.empty(2)
     with pytest.raises(ValueError, match="target: value 4 at index 1"):
-        _C.loss_forward(logits[:, :, None].numpy(), target[:, None], torch.empty(2, 4, 1).numpy(), torch.empty(2).numpy(), None,
-                        gamma=0.0, kappa=1.0, beta=0.0, z_loss=0.0, softcap=0.0, alpha=None, mean=True,
-                        num_threads=1, **common)
+        _C.loss_forward(logits.data_ptr(), 2, 4, 1, 4, 1, 0, target.data_ptr(), 1, 0, grad.data_ptr(), 4, 1, 0,
+                        rows.data_ptr(), 0, 0, "float32", 0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0, 0, -100, True, 1)
+    target = target.numpy()
+    common = dict(dtype="float32", kind=0, label_smoothing=0.0, class_weight=None, ignore_index=-100)
     with pytest.raises(ValueError, match="target: value 4 at index 1"):
         _C.loss_row_stats(logits.numpy(), target, torch.empty(2, 5).numpy(), softcap=0.0, vocab_start=0,
                           total_classes=4, num_threads=1, **common)
