@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _checks, loss_autograd, losses
+from . import _checks, loss_autograd, loss_backends
 from ._dtypes import accumulation_dtype
 from .loss_reduction import mean_scale, total_weight
 from .loss_options import OPTIONS_SCHEMA, LossOptions, loss_options
@@ -170,7 +170,7 @@ def _fused_linear_loss(features: Tensor, weight: Tensor, bias: Optional[Tensor],
     reduction="none"); otherwise those of the reduced loss."""
     options = LossOptions(*options)
     if target.device.type == "cpu" and not target.is_floating_point():  # the global row index; on CUDA: a sync
-        losses.check_target_values(target, weight.shape[0], options.ignore_index)
+        loss_backends.check_target_values(target, weight.shape[0], options.ignore_index)
     rows, d_features, d_weight, d_bias = _chunked(
         features, weight, bias, target, class_weight, alpha, options, chunk, row_scale, grad_features, grad_weight,
         grad_bias,

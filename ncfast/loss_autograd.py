@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
+from .loss_backends import class_last
 from .loss_reduction import mean_scale, total_weight
 from .loss_options import LossOptions
 from .reference import losses as reference
@@ -49,13 +50,8 @@ def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bo
     return grad * factor
 
 
-def _class_last(tensor: Tensor) -> Tensor:
-    """(N, K) as it is; (B, K, S) as (B·S, K) rows (positions in b-major order)."""
-    return tensor if tensor.dim() == 2 else tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
-
-
 def _as_layout(rows: Tensor, like: Tensor) -> Tensor:
-    """The inverse of :func:`_class_last`: (B·S, K) rows laid out as ``like``."""
+    """The inverse of :func:`~ncfast.loss_backends.class_last`: (B·S, K) rows laid out as ``like``."""
     return rows if like.dim() == 2 else rows.reshape(like.shape[0], like.shape[2], like.shape[1]).movedim(-1, 1)
 
 
@@ -64,8 +60,8 @@ def _recomputed_gradients(logits, target, weight, alpha, options: LossOptions, g
     the logits with differentiable torch ops: the backward of the backward is then autograd's.
     Logits (N, K) with target (N,) or probabilities (N, K), or (B, K, S) with (B, S) or (B, K, S)."""
     acc = accumulation_dtype(logits.dtype)
-    z = _class_last(logits).to(acc)
-    rows_target = _class_last(target) if target.is_floating_point() else target.reshape(-1)
+    z = class_last(logits).to(acc)
+    rows_target = class_last(target) if target.is_floating_point() else target.reshape(-1)
     _, grad, _ = reference.rows_and_grad(options.loss, z, rows_target, weight, alpha, options.ignore_index,
                                          **options.params())
     scale = grad_loss.to(acc)

@@ -13,255 +13,26 @@ Layers, top to bottom:
   rebuilt by name behind it. Their autograd (first and second order, torch.func) is in
   :mod:`ncfast.loss_autograd`, whose eager route calls the implementations here directly
   (the custom-op dispatcher costs more than a small call's kernel);
-* backend dispatch to the C++ kernel (CPU), the Triton kernel (CUDA) or the torch reference.
+* backend dispatch to the C++ kernel (CPU), the Triton kernel (CUDA) or the torch reference, in
+  :mod:`ncfast.loss_backends`.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, loss_autograd
-from ._dtypes import accumulation_dtype, dtype_name
-from .loss_reduction import mean_scale, total_weight
+from . import _checks, loss_autograd
+from ._dtypes import accumulation_dtype
+from .loss_backends import class_last, forward, new_gradient, num_positions, release_workspace
 from .loss_options import LOSSES, OPTIONS_SCHEMA, LossOptions, loss_options
-from .reference import losses as reference
 
 REDUCTIONS = _checks.REDUCTIONS
 __all__ = ["LOSSES", "LossOptions", "loss_options", "cross_entropy", "focal_loss", "rescaled_mse",
            "CrossEntropyLoss", "FocalLoss", "RescaledMSELoss", "release_workspace"]
-
-
-# --------------------------------------------------------------------------------------------
-# backends: each takes logits as a (B, K, S) view with the caller's strides and targets (B, S),
-# or (N, K) logits with (N,) targets (S = 1), fills ``grad`` (laid out as the logits, or the
-# logits themselves) and ``lse`` (B·S,), and returns (per-position loss w_y·ℓ (B·S,) in b-major
-# order, Σw of the counted positions, the reduced loss or None where the caller reduces)
-# --------------------------------------------------------------------------------------------
-def as_float64(vector: Optional[Tensor]):
-    """A per-class vector as the C++ kernels read it: a float64 numpy array, or None."""
-    return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous().numpy()
-
-
-def _num_positions(logits: Tensor) -> int:
-    """B·S of (B, K, S) logits ((N, K) logits are S = 1): the number of per-position losses."""
-    return logits.shape[0] * (logits.shape[2] if logits.dim() == 3 else 1)
-
-
-def _float64_vector(vector: Optional[Tensor]) -> Optional[Tensor]:
-    """A per-class vector as the C++ forward reads it: a contiguous float64 CPU tensor, or None."""
-    return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous()
-
-
-def _address(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
-
-
-def _blocks_layout(tensor: Tensor) -> tuple:
-    """(outer, classes, inner) strides of (B, K, S) logits or gradients ((N, K) is S = 1)."""
-    strides = tensor.stride()
-    return strides if tensor.dim() == 3 else (strides[0], strides[1], 0)
-
-
-def _cpp_forward(logits, target, weight, alpha, grad, lse, options, mean):
-    # The kernel reads and writes these tensors by address, with sizes and strides passed
-    # alongside: no per-call buffer objects (which cost more than a small call's kernel).
-    # ``target`` comes as (B, S) or (N,) int64; the other tensors are this module's own.
-    B, K = logits.shape[0], logits.shape[1]
-    S = logits.shape[2] if logits.dim() == 3 else 1
-    if target.dtype != torch.int64:
-        target = target.to(torch.int64)
-    target_strides = target.stride() if target.dim() == 2 else (target.stride(0), 0)
-    rows = torch.empty(B * S, dtype=accumulation_dtype(logits.dtype))
-    # The kernel also reduces the rows (float64, fixed order): no tensor op after the call.
-    value = None if options.reduction == "none" else torch.empty((), dtype=logits.dtype)
-    weight, alpha = _float64_vector(weight), _float64_vector(alpha)
-    total = _backend._C.loss_forward(
-        logits.data_ptr(), B, K, S, *_blocks_layout(logits), target.data_ptr(), *target_strides, grad.data_ptr(),
-        *_blocks_layout(grad), rows.data_ptr(), lse.data_ptr(), _address(value), dtype_name(logits.dtype),
-        options.kind, options.label_smoothing, options.gamma, options.kappa, options.beta, options.lse_square_scale,
-        options.softcap, _address(weight), _address(alpha), options.ignore_index, mean, torch.get_num_threads(),
-    )
-    return rows, total, value
-
-
-def _as_blocks(tensor: Tensor) -> Tensor:
-    """(N, K) as the (N, K, 1) view; (B, K, S) as it is."""
-    return tensor if tensor.dim() == 3 else tensor[:, :, None]
-
-
-def _class_last(logits: Tensor) -> Tensor:
-    """(B, K, S) logits as (B·S, K) rows (a copy unless S = 1)."""
-    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
-
-
-def _torch_rows(logits, target, weight, alpha, lse, options, mean):
-    """The reference on (N, K) rows: per-row losses, the gradient (scaled for "mean") and Σw."""
-    z = logits.to(accumulation_dtype(logits.dtype))
-    rows, g, row_lse = reference.rows_and_grad(options.loss, z, target, weight, alpha, options.ignore_index,
-                                               **options.params())
-    total = total_weight(target, weight, options.ignore_index, z.dtype)
-    lse.copy_(row_lse)
-    return rows, (g * mean_scale(total) if mean else g), total
-
-
-def _torch_forward(logits, target, weight, alpha, grad, lse, options, mean):
-    logits, grad = _as_blocks(logits), _as_blocks(grad)
-    rows, g, total = _torch_rows(_class_last(logits), target.reshape(-1), weight, alpha, lse, options, mean)
-    grad.copy_(g.reshape(logits.shape[0], logits.shape[2], logits.shape[1]).movedim(-1, 1))
-    return rows, total, None
-
-
-def _torch_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
-    rows, g, total = _torch_rows(logits, target, weight, alpha, lse, options, mean)
-    grad.copy_(g)
-    return rows, total
-
-
-def _triton_forward(logits, target, weight, alpha, grad, lse, options, mean):
-    from .triton_kernels import losses as kernels
-
-    # The (B, K, S) view as it lies, any strides: the kernel reads class-strided tiles in place
-    # and writes the gradient in ``grad``'s own layout (no transposed copy in or out).
-    target = target if target.dim() == 2 else target[:, None]
-    rows, total = kernels.loss_forward(_as_blocks(logits), target, weight, alpha, _as_blocks(grad), options.kind,
-                                       options.params(), options.ignore_index, mean, lse)
-    return rows, total, None
-
-
-_BACKEND_FORWARD = {"cpp": _cpp_forward, "torch": _torch_forward, "triton": _triton_forward}
-
-
-# Probability targets (cross-entropy only): ℓ_i = −Σ_j w_j q'_ij log p_ij, "mean" divides by N
-# (as torch), g_ij = (Σ_k w_k q'_ik) p_ij − w_j q'_ij. The kernels read q in the logits' dtype.
-def _soft_rows_count(logits: Tensor, mean: bool) -> tuple[Tensor, float]:
-    num_rows = logits.shape[0]
-    total = torch.tensor(float(num_rows), dtype=accumulation_dtype(logits.dtype), device=logits.device)
-    return total, (1.0 / num_rows if mean and num_rows else 1.0)
-
-
-def _cpp_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
-    from . import _C
-
-    total, scale = _soft_rows_count(logits, mean)
-    rows = torch.empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
-    target = target.to(logits.dtype).contiguous()
-    _C.soft_cross_entropy_forward(
-        _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
-        lse.numpy(), dtype_name(logits.dtype), as_float64(weight), options.label_smoothing, options.softcap, scale,
-        torch.get_num_threads(),
-    )
-    return rows, total
-
-
-def _triton_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
-    from .triton_kernels import losses as kernels
-
-    total, scale = _soft_rows_count(logits, mean)
-    target = target.to(logits.dtype).contiguous()
-    rows = kernels.soft_loss_forward(logits, target, weight, grad, options.label_smoothing, options.softcap, scale,
-                                     lse)
-    return rows, total
-
-
-_BACKEND_SOFT_FORWARD = {"cpp": _cpp_soft_forward, "torch": _torch_soft_forward, "triton": _triton_soft_forward}
-
-
-def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raises ValueError naming the first class index outside [0, K) that is not ignore_index."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"target: value {int(target[i])} at index {i} is out of range [0, {num_classes}) "
-            f"and is not ignore_index={ignore_index}"
-        )
-
-
-def reduce_rows(rows: Tensor, total, reduction: str, dtype: torch.dtype) -> Tensor:
-    """The per-row losses reduced as torch does ("mean" divides by ``total``), in ``dtype``."""
-    if reduction == "none":
-        return rows.to(dtype)
-    value = rows.sum()
-    if reduction == "mean":
-        value = value / total
-    return value.to(dtype)
-
-
-def _forward(logits, target, weight, alpha, grad, lse, options: LossOptions) -> Tensor:
-    """Fills ``grad`` (laid out as ``logits``) with ∂(reduced loss)/∂logits (per-position losses'
-    gradients for "none") and ``lse`` (B·S,) with each position's log-sum-exp, and returns the
-    reduced loss in the logits' dtype. Class indices come with (B, K, S) logits and (B, S)
-    targets ((N, K) with (N,) is S = 1); probability targets with (N, K) logits and targets."""
-    backend = _backend.backend_for(logits)
-    mean = options.reduction == "mean"
-    if target.is_floating_point():
-        # The probability-target kernels read and write class-last rows.
-        out = grad if grad.stride(-1) == 1 or grad.shape[1] <= 1 else torch.empty(
-            grad.shape, dtype=grad.dtype, device=grad.device)
-        if logits.stride(-1) != 1 and logits.shape[1] > 1:
-            logits = logits.contiguous()
-        rows, total = _BACKEND_SOFT_FORWARD[backend](logits, target, weight, alpha, out, lse, options, mean)
-        if out is not grad:
-            grad.copy_(out)
-        return reduce_rows(rows, total, options.reduction, logits.dtype)
-    if backend != "cpp" and target.device.type == "cpu":
-        check_target_values(target.reshape(-1), logits.shape[1], options.ignore_index)
-    rows, total, value = _BACKEND_FORWARD[backend](logits, target, weight, alpha, grad, lse, options, mean)
-    return reduce_rows(rows, total, options.reduction, logits.dtype) if value is None else value
-
-
-class _GradientWorkspace:
-    """The CPU gradient buffer, reused across steps.
-
-    torch's CPU allocator hands large blocks back to the OS, so a fresh N×K gradient costs a
-    page fault per 4 KiB on every step — often more than the fused loss itself. The last
-    buffer is kept and handed out again once no other tensor shares its storage (checked
-    under a lock, so concurrent calls never share one). CUDA has its own caching allocator."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._buffer: Optional[Tensor] = None
-
-    @staticmethod
-    def _unshared(buffer: Tensor) -> bool:
-        # Every caller got its own view (a tensor of its own on the same storage), so the
-        # storage's count is ours plus the temporary storage object once all of them are gone.
-        return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2
-
-    def take(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-        with self._lock:
-            buffer = self._buffer
-            if buffer is None or buffer.shape != shape or buffer.dtype != dtype or not self._unshared(buffer):
-                buffer = torch.empty(shape, dtype=dtype)
-                self._buffer = buffer
-            return buffer.view(shape)
-
-    def release(self) -> None:
-        """Drop the kept buffer (its memory returns once nothing else uses it)."""
-        with self._lock:
-            self._buffer = None
-
-
-_workspace = _GradientWorkspace()
-release_workspace = _workspace.release
-
-
-# Below glibc's default mmap threshold (128 KiB) a fresh buffer comes from the heap without page
-# faults: cheaper than the workspace's lock and storage check.
-_WORKSPACE_MIN_BYTES = 128 * 1024
-
-
-def _new_gradient(logits: Tensor) -> Tensor:
-    """A gradient buffer laid out as ``logits`` (the workspace when they are contiguous and large)."""
-    if (logits.device.type == "cpu" and logits.numel() * logits.element_size() >= _WORKSPACE_MIN_BYTES
-            and logits.is_contiguous() and hasattr(torch._C, "_storage_Use_Count")):
-        return _workspace.take(logits.shape, logits.dtype)
-    return torch.empty_like(logits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +42,7 @@ _INPUTS_SCHEMA = "Tensor? weight, Tensor? alpha, " + OPTIONS_SCHEMA
 
 
 def _new_lse(logits: Tensor) -> Tensor:
-    return torch.empty(_num_positions(logits), dtype=accumulation_dtype(logits.dtype), device=logits.device)
+    return torch.empty(num_positions(logits), dtype=accumulation_dtype(logits.dtype), device=logits.device)
 
 
 def _fused_loss(logits: Tensor, target: Tensor, weight, alpha, *options) -> tuple[Tensor, Tensor, Tensor]:
@@ -280,8 +51,8 @@ def _fused_loss(logits: Tensor, target: Tensor, weight, alpha, *options) -> tupl
     with ``grad`` of the logits' shape, dtype and layout and ``lse`` (B·S,) each position's
     log-sum-exp (fp32; fp64 for fp64 logits; 0 for ignored positions and the MSE). ``options``
     are the fields of :class:`LossOptions`, in order."""
-    grad, lse = _new_gradient(logits), _new_lse(logits)
-    value = _forward(logits, target, weight, alpha, grad, lse, LossOptions(*options))
+    grad, lse = new_gradient(logits), _new_lse(logits)
+    value = forward(logits, target, weight, alpha, grad, lse, LossOptions(*options))
     return value, grad, lse
 
 
@@ -289,11 +60,11 @@ def _fused_loss_(logits: Tensor, target: Tensor, weight, alpha, *options) -> tup
     """As :func:`_fused_loss`, but the gradient overwrites ``logits``; returns ``(loss, lse)``.
     Every backend reads each element before it writes its gradient, in any layout."""
     lse = _new_lse(logits)
-    return _forward(logits, target, weight, alpha, logits, lse, LossOptions(*options)), lse
+    return forward(logits, target, weight, alpha, logits, lse, LossOptions(*options)), lse
 
 
 def _loss_shape(logits: Tensor, options) -> tuple:
-    return (_num_positions(logits),) if LossOptions(*options).reduction == "none" else ()
+    return (num_positions(logits),) if LossOptions(*options).reduction == "none" else ()
 
 
 fused_loss = torch.library.custom_op(
@@ -390,7 +161,7 @@ def _fused(loss, logits, target, weight, inplace_backward, return_lse=False, pro
 
         if inplace_backward:
             raise ValueError("inplace_backward: not supported together with process_group")
-        value, lse = vocab_parallel.loss(_class_last(rows_logits), rows_target.reshape(-1), weight, options,
+        value, lse = vocab_parallel.loss(class_last(rows_logits), rows_target.reshape(-1), weight, options,
                                          process_group)
     elif inplace_backward:
         soft = rows_target.is_floating_point()

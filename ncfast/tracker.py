@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 from typing import Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from .ncstats import NCMetrics, NCSecondPass, NCStats

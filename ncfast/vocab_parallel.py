@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, losses
+from . import _backend, _checks, loss_backends
 from ._dtypes import accumulation_dtype, dtype_name
 from .loss_reduction import mean_scale, total_weight
 from .loss_options import LossOptions
@@ -72,7 +72,7 @@ def _forward(logits, target, weight, grad, lse, options: LossOptions, group, siz
         stats = torch.empty(logits.shape[0], 5, dtype=acc)
         common = dict(dtype=dtype_name(logits.dtype), kind=options.kind,
                       label_smoothing=options.label_smoothing, softcap=options.softcap,
-                      class_weight=losses.as_float64(weight), ignore_index=options.ignore_index, vocab_start=start,
+                      class_weight=loss_backends.as_float64(weight), ignore_index=options.ignore_index, vocab_start=start,
                       total_classes=total_classes, num_threads=torch.get_num_threads())
         _C.loss_row_stats(_backend.cpu_buffer(logits), _backend.cpu_buffer(target), stats.numpy(), **common)
         _combine_row_stats(stats, options.loss, group)
@@ -100,7 +100,7 @@ def _forward(logits, target, weight, grad, lse, options: LossOptions, group, siz
         g = g[:, start:start + logits.shape[1]]
         grad.copy_(g * mean_scale(total) if mean else g)
         lse.copy_(row_lse)
-    return losses.reduce_rows(rows, total, options.reduction, logits.dtype)
+    return loss_backends.reduce_rows(rows, total, options.reduction, logits.dtype)
 
 
 class _VocabParallelLoss(torch.autograd.Function):

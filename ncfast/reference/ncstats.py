@@ -59,7 +59,6 @@ def nc_metrics_two_pass(
     h = features.to(torch.float64)
     K = num_classes
     N, d = h.shape
-    counts = torch.stack([(target == k).sum() for k in range(K)]).to(torch.float64)
     means = torch.stack([h[target == k].mean(0) for k in range(K)])
     mu_g = h.mean(0) if global_mean == "samples" else means.mean(0)
     centred = h - means[target]
