@@ -152,6 +152,15 @@ class FusedLossEager(torch.autograd.Function):
 apply_eager = super(torch.autograd.Function, FusedLossEager).apply
 
 
+def keep_gradient(ctx, grad: Tensor, reduction: str, lse: Tensor) -> None:
+    """Saves the forward's gradient for a first-order backward that only scales it; the lse
+    takes no gradient, and autograd need not fill zeros for it."""
+    ctx.reduction = reduction
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
 class InplaceFusedLoss(torch.autograd.Function):
     """``inplace_backward=True``: the logits' storage holds the gradient after the forward.
 
@@ -167,10 +176,7 @@ class InplaceFusedLoss(torch.autograd.Function):
             torch.autograd.graph.increment_version(logits)  # as the op's dispatcher does for a mutated input
         else:
             value, lse = torch.ops.ncfast.fused_loss_(logits, target, weight, alpha, *options)
-        ctx.reduction = LossOptions(*options).reduction
-        ctx.save_for_backward(logits)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
+        keep_gradient(ctx, logits, LossOptions(*options).reduction, lse)
         return value, lse
 
     @staticmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, loss_backends
+from . import _backend, _checks, loss_autograd, loss_backends
 from ._dtypes import accumulation_dtype, dtype_name
 from .loss_reduction import mean_scale, total_weight
 from .loss_options import LossOptions
@@ -109,10 +109,7 @@ class _VocabParallelLoss(torch.autograd.Function):
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         lse = torch.empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype), device=logits.device)
         value = _forward(logits, target, weight, grad, lse, options, group, sizes)
-        ctx.reduction = options.reduction
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
+        loss_autograd.keep_gradient(ctx, grad, options.reduction, lse)
         return value, lse
 
     @staticmethod

@@ -34,6 +34,25 @@ def _off_diagonal_cosines(vectors: Tensor) -> Tensor:
     return cos[~torch.eye(K, dtype=torch.bool, device=cos.device)]
 
 
+def _classifier_metrics(out: dict, weight: Tensor, bias, mbar: Tensor, mu_g: Tensor, center_classifier: bool):
+    """NC2–NC4 and the classifier's equinorm/equiangularity/max-angle, densely, into ``out``;
+    returns W and b in float64."""
+    K = weight.shape[0]
+    w = weight.to(torch.float64)
+    b = torch.zeros(K, dtype=torch.float64) if bias is None else bias.to(torch.float64)
+    wc = w - w.mean(0) if center_classifier else w
+    wwt = wc @ wc.T
+    out["nc2"] = float((wwt / wwt.norm() - etf(K)).norm())
+    wm = wc @ mbar
+    out["nc3"] = float((wm / wm.norm() - etf(K)).norm())
+    out["nc4"] = float((b + w @ mu_g).norm())
+    out["equinorm_classifier"] = _std_mean_ratio(wc.norm(dim=1))
+    cos_w = _off_diagonal_cosines(wc)
+    out["equiangularity_classifier"] = float(cos_w.std())
+    out["max_angle_classifier"] = float((cos_w + 1.0 / (K - 1)).abs().mean())
+    return w, b
+
+
 def nc_metrics_two_pass(
     features: Tensor,
     target: Tensor,
@@ -90,18 +109,7 @@ def nc_metrics_two_pass(
     out["numerical_rank"] = float(torch.stack(num_rank).mean())
     if weight is None:
         return out
-    w = weight.to(torch.float64)
-    b = torch.zeros(K, dtype=torch.float64) if bias is None else bias.to(torch.float64)
-    wc = w - w.mean(0) if center_classifier else w
-    wwt = wc @ wc.T
-    out["nc2"] = float((wwt / wwt.norm() - etf(K)).norm())
-    wm = wc @ mbar
-    out["nc3"] = float((wm / wm.norm() - etf(K)).norm())
-    out["nc4"] = float((b + w @ mu_g).norm())
-    out["equinorm_classifier"] = _std_mean_ratio(wc.norm(dim=1))
-    cos_w = _off_diagonal_cosines(wc)
-    out["equiangularity_classifier"] = float(cos_w.std())
-    out["max_angle_classifier"] = float((cos_w + 1.0 / (K - 1)).abs().mean())
+    w, b = _classifier_metrics(out, weight, bias, mbar, mu_g, center_classifier)
     classifier = (h @ w.T + b).argmax(1)
     ncc = torch.cdist(h, means).argmin(1)
     out["ncc_mismatch"] = float((classifier != ncc).to(torch.float64).mean())
@@ -149,16 +157,5 @@ def nc_metrics_dense(
     out["cdnv"] = float(((class_var[:, None] + class_var[None, :]) / (2 * distance_sq))[off].mean())
     if weight is None:
         return out
-    w = weight.to(torch.float64)
-    b = torch.zeros(K, dtype=torch.float64) if bias is None else bias.to(torch.float64)
-    wc = w - w.mean(0) if center_classifier else w
-    wwt = wc @ wc.T
-    out["nc2"] = float((wwt / wwt.norm() - etf(K)).norm())
-    wm = wc @ mbar
-    out["nc3"] = float((wm / wm.norm() - etf(K)).norm())
-    out["nc4"] = float((b + w @ mu_g).norm())
-    out["equinorm_classifier"] = _std_mean_ratio(wc.norm(dim=1))
-    cos_w = _off_diagonal_cosines(wc)
-    out["equiangularity_classifier"] = float(cos_w.std())
-    out["max_angle_classifier"] = float((cos_w + 1.0 / (K - 1)).abs().mean())
+    _classifier_metrics(out, weight, bias, mbar, mu_g, center_classifier)
     return out
