@@ -173,11 +173,28 @@ def reduce_rows(rows: Tensor, total, reduction: str, dtype: torch.dtype) -> Tens
     return value.to(dtype)
 
 
+def _check_op_shapes(logits: Tensor, target: Tensor, weight, alpha) -> None:
+    """The ops may be called directly (``torch.ops.ncfast.fused_loss``), past the public
+    functions' checks; the kernels read by address, so every size is checked here."""
+    K = logits.shape[1]
+    if target.is_floating_point():
+        expected = tuple(logits.shape)
+    else:
+        expected = (logits.shape[0],) + ((logits.shape[2],) if logits.dim() == 3 else ())
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target: expected shape {expected} for logits of shape {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+    for name, vector in (("weight", weight), ("alpha", alpha)):
+        if vector is not None and tuple(vector.shape) != (K,):
+            raise ValueError(f"{name}: expected shape ({K},), got {tuple(vector.shape)}")
+
+
 def forward(logits, target, weight, alpha, grad, lse, options: LossOptions) -> Tensor:
     """Fills ``grad`` (laid out as ``logits``) with ∂(reduced loss)/∂logits (per-position losses'
     gradients for "none") and ``lse`` (B·S,) with each position's log-sum-exp, and returns the
     reduced loss in the logits' dtype. Class indices come with (B, K, S) logits and (B, S)
     targets ((N, K) with (N,) is S = 1); probability targets with (N, K) logits and targets."""
+    _check_op_shapes(logits, target, weight, alpha)
     backend = _backend.backend_for(logits)
     mean = options.reduction == "mean"
     if target.is_floating_point():

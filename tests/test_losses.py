@@ -518,3 +518,16 @@ def test_vocab_parallel_matches_single_process(backend):
             torch.testing.assert_close(rank_value, value.detach(), rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(rank_lse, lse, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(rank_grad, grad[:, rank * 12:(rank + 1) * 12], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["fused_loss", "fused_loss_"])
+def test_ops_called_directly_check_every_size(op):
+    # The kernels read by address: a direct op call with a short target or class vector must
+    # raise, not read past the end.
+    logits, target = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    fn = getattr(torch.ops.ncfast, op)
+    cases = [(target, torch.ones(2), None, "weight"), (target[:2], None, None, "target"),
+             (target, None, torch.ones(1), "alpha")]
+    for t, weight, alpha, name in cases:
+        with pytest.raises(ValueError, match=name):
+            fn(logits.clone(), t, weight, alpha, *LossOptions())
