@@ -1,13 +1,15 @@
 """Fused loss forward + backward: ncfast against torch eager, torch.compile and a copy of the
 logits (CPU), over the shapes classifiers train with.
 
-The memory floor of a fused loss is one read and one write of the logits: ``track_over_copy``
-reports a case's time as a multiple of a copy of the logits into a preallocated buffer (a
+The memory floor of a fused loss is one read and one write of the logits: ``track_over_clone``
+reports a case's time as a multiple of a clone of the logits (a fresh buffer, as the fused
+loss's gradient is), ``track_over_copy`` as a multiple of a copy into a preallocated buffer (a
 clone without the page faults of a fresh allocation, which a warm caching allocator does not
-pay either), both timed in interleaved rounds of the same process. Run: ``cd benchmarks && asv run --python=same --bench bench_losses``; the
-whole table as one markdown table: ``python benchmarks/loss_table.py``.
+pay either), each timed in interleaved rounds of the same process. Run:
+``cd benchmarks && asv run --python=same --bench bench_losses``; the whole table as one markdown
+table: ``python benchmarks/loss_acceptance.py``.
 
-The torch formulas here are also what ``loss_table.py`` compiles and runs eagerly."""
+The torch formulas here are also what ``loss_acceptance.py`` compiles and runs eagerly."""
 
 import time
 
@@ -138,6 +140,11 @@ class LossForwardBackward:
         return interleaved_ratio(self.step, logits_copy(self.logits))
 
     track_over_copy.unit = "× copy"
+
+    def track_over_clone(self, *params):
+        return interleaved_ratio(self.step, self.logits.clone)
+
+    track_over_clone.unit = "× clone"
 
 
 class LossPerCall:
