@@ -43,6 +43,9 @@ TILE_ROWS = 2048
 BLOCK_ROWS = 2048
 #: up to this many classes the pairwise tiles are float64 by default, float32 above
 FLOAT64_TILES_UP_TO = 8192
+#: column blocks of the float64 Gram VᵀV: only the 10 blocks on and above the diagonal are
+#: multiplied (62.5 % of the flops; at d = 1024, 2048-row blocks: 27 ms instead of 41)
+GRAM_COLUMN_BLOCKS = 4
 
 
 @dataclasses.dataclass
@@ -70,6 +73,20 @@ def row_blocks(count: int, index: Optional[Tensor]):
         yield start, stop, (slice(start, stop) if index is None else index[start:stop])
 
 
+def _add_upper_gram(gram: Tensor, rows: Tensor) -> None:
+    """gram += rowsᵀ rows on and above the diagonal blocks only (``rows`` (R, d), ``gram``
+    (d, d)); :func:`_mirror_upper` completes it once every block of rows is in."""
+    d = gram.shape[0]
+    width = -(-d // GRAM_COLUMN_BLOCKS)
+    for i in range(0, d, width):
+        gram[i:i + width, i:].addmm_(rows[:, i:i + width].T, rows[:, i:])
+
+
+def _mirror_upper(gram: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle is ``gram``'s (exactly symmetric)."""
+    return gram.triu() + gram.triu(1).T
+
+
 def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optional[torch.dtype],
                    index: Optional[Tensor] = None) -> RowSummary:
     """Summarise the rows v_k = matrix_k − centre of ``matrix`` (K, d) (only the rows ``index``
@@ -88,7 +105,7 @@ def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optiona
         rows = matrix[selected].to(torch.float64, copy=True)  # a copy: normalised in place below
         if centre is not None:
             rows -= centre
-        gram.addmm_(rows.T, rows)
+        _add_upper_gram(gram, rows)
         row_sum += rows.sum(0)
         norm = torch.linalg.vector_norm(rows, dim=1)
         norms[start:stop] = norm
@@ -97,7 +114,7 @@ def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optiona
         unit_sq += (rows * rows).sum()
         if unit is not None:
             unit[start:stop] = rows
-    return RowSummary(norms, gram, unit_sum, float(unit_sq), row_sum, unit)
+    return RowSummary(norms, _mirror_upper(gram), unit_sum, float(unit_sq), row_sum, unit)
 
 
 def std_mean_ratio(values: Tensor) -> float:
