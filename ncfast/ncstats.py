@@ -349,7 +349,7 @@ class NCStats:
                 only (K becomes their number, W and b lose the other rows; reported as
                 ``classes_used``) — usual for a vocabulary, where some tokens never occur.
             pairwise_dtype: precision of the O(K²·d) pairwise tiles (max-angle, CDNV):
-                torch.float64, torch.float32 (twice the speed; cosines to ~√d·2⁻²⁴, see
+                torch.float64, torch.float32 (~4× the speed on CPU; cosines to ~√d·2⁻²⁴, see
                 ``ncfast.ncstats_pairwise``), or None: float64 up to 8192 classes, float32 above.
         """
         with self._lock, _one_cpu_thread(self.device, self.num_classes * self.dim <= 1 << 20):
