@@ -11,7 +11,8 @@ with a classifier W, b and every first-pass metric, and prints a table:
   rest, and its extra peak memory (resident set sampled every 5 ms) against the size of the
   state (the K×d float64 means dominate it);
 * each sweep's rate against the bare fp32 GEMMs of the same tiles (upper triangle), on oneDNN
-  and on MKL, measured in the same run.
+  and on MKL, measured in the same run, and the same ratios as medians of paired rounds (the
+  sweep, then the bare GEMMs) over the first ``--paired-rows`` rows.
 
 Defaults are the acceptance case: K=131072, d=1024, N=1_048_576 in batches of 8192.
 ``--samples`` and ``--classes`` shrink it (e.g. ``--classes 32768 --samples 262144``).
@@ -121,6 +122,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=1_048_576)
     parser.add_argument("--batch", type=int, default=8192)
+    parser.add_argument("--paired-rows", type=int, default=8192, help="rows of the paired sweep-vs-GEMM rounds")
+    parser.add_argument("--rounds", type=int, default=7, help="paired sweep-vs-GEMM rounds")
     parser.add_argument("--update-only", action="store_true", help="stop after the update measurement")
     args = parser.parse_args()
     K, d = args.classes, args.dim
@@ -182,7 +185,8 @@ def main() -> None:
     # The bare GEMMs of the same tiles (the means' unit rows; W's sweep has the same shapes).
     index = None if classes == "all" else (stats.counts > 0).nonzero().flatten()
     mu_g = global_mean_of(stats.counts, stats.means, "samples")
-    unit = ncstats_pairwise.summarize_rows(stats.means, mu_g, torch.float32, index).unit
+    summary = ncstats_pairwise.summarize_rows(stats.means, mu_g, torch.float32, index)
+    unit = summary.unit
     tile = ncstats_pairwise.TILE_ROWS
     gflop = _tile_flops(unit.shape[0], d, tile) / 1e9
     onednn_s = _bare_gemm_seconds(unit, tile, "onednn")
@@ -197,6 +201,22 @@ def main() -> None:
                              f"{mkl_s / classifier_sweep_s:.2f}x MKL"),
     ]
     _print(rows)
+
+    # The same ratios from paired rounds on the first rows (each round: the sweep, then the
+    # bare GEMMs of its tiles on both libraries), robust to a shared machine's slow spells.
+    rows_used = min(unit.shape[0], args.paired_rows)
+    counts = stats.counts if index is None else stats.counts[index]
+    class_sq = stats.class_sq if index is None else stats.class_sq[index]
+    variances = (class_sq / counts)[:rows_used]
+    onednn_ratios, mkl_ratios = [], []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        ncstats_pairwise.pairwise_sums(unit[:rows_used], summary.norms[:rows_used], variances)
+        sweep = time.perf_counter() - start
+        onednn_ratios.append(_bare_gemm_seconds(unit[:rows_used], tile, "onednn") / sweep)
+        mkl_ratios.append(_bare_gemm_seconds(unit[:rows_used], tile, "mkl") / sweep)
+    _print([(f"paired rounds ({args.rounds}, first {rows_used} rows): sweep rate",
+             f"{statistics.median(onednn_ratios):.2f}x oneDNN, {statistics.median(mkl_ratios):.2f}x MKL (medians)")])
 
 
 def _print(rows) -> None:
