@@ -3,13 +3,16 @@
 Streams N synthetic fp32 features (K classes, width d) in batches, then calls ``compute()``
 with a classifier W, b and every first-pass metric, and prints a table:
 
-* update throughput against the bare fp32 Gram ``hᵀh`` of the same batches (each batch timed
-  both ways, interleaved; the ratio is the median of the per-batch ratios, so a slow spell of
-  a shared machine weighs on both sides);
-* compute()'s time and extra peak memory (resident set sampled every 5 ms) against the size
-  of the state (the K×d float64 means dominate it);
-* the pairwise part (max-angle and CDNV of the means: T×T tiles, upper triangle) against the
-  bare fp32 GEMMs of the same tiles, measured in the same run.
+* update throughput against the bare fp32 Gram ``hᵀh`` of the same batches on both of torch's
+  CPU GEMM libraries (``torch.mm`` = MKL, and oneDNN through ``ncfast._matmul.mm_t``; each
+  batch timed all three ways, interleaved; the ratios are medians of the per-batch ratios, so a
+  slow spell of a shared machine weighs on both sides);
+* compute()'s time, split into its two pairwise sweeps (class means, classifier rows) and the
+  rest, and its extra peak memory (resident set sampled every 5 ms) against the size of the
+  state (the K×d float64 means dominate it);
+* each sweep's rate against the bare fp32 GEMMs of the same tiles (upper triangle), on oneDNN
+  and on MKL, measured in the same run, and the same ratios as medians of paired rounds (the
+  sweep, then the bare GEMMs) over the first ``--paired-rows`` rows.
 
 Defaults are the acceptance case: K=131072, d=1024, N=1_048_576 in batches of 8192.
 ``--samples`` and ``--classes`` shrink it (e.g. ``--classes 32768 --samples 262144``).
@@ -18,6 +21,7 @@ Defaults are the acceptance case: K=131072, d=1024, N=1_048_576 in batches of 81
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import threading
@@ -26,6 +30,7 @@ import time
 import torch
 
 from ncfast import NCStats, ncstats_pairwise
+from ncfast._matmul import mm_t
 from ncfast.ncstats_metrics import global_mean_of
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -66,17 +71,49 @@ def _batches(means: torch.Tensor, samples: int, batch: int, seed: int):
         yield means[target] + 0.1 * torch.randn(rows, d, generator=g), target
 
 
-def _bare_gemm_seconds(unit: torch.Tensor, tile: int) -> float:
-    """The fp32 GEMMs of the pairwise sweep alone (same tiles, upper triangle)."""
-    K = unit.shape[0]
-    buffer = torch.empty(min(tile, K) ** 2, dtype=unit.dtype)
-    start = time.perf_counter()
+def _tiles(K: int, tile: int):
+    """The (rows, cols) slices of the pairwise sweep's tiles: upper triangle, diagonal included."""
     for i in range(0, K, tile):
-        rows = unit[i:i + tile]
         for j in range(i, K, tile):
-            cols = unit[j:j + tile]
+            yield slice(i, i + tile), slice(j, j + tile)
+
+
+def _bare_gemm_seconds(unit: torch.Tensor, tile: int, library: str) -> float:
+    """The fp32 GEMMs of the pairwise sweep alone (same tiles), on "onednn" (a fresh output per
+    tile, as the sweep) or "mkl" (``torch.mm`` into one reused buffer: its best case)."""
+    buffer = torch.empty(min(tile, unit.shape[0]) ** 2, dtype=unit.dtype)
+    start = time.perf_counter()
+    for r, c in _tiles(unit.shape[0], tile):
+        rows, cols = unit[r], unit[c]
+        if library == "onednn":
+            mm_t(rows, cols)
+        else:
             torch.mm(rows, cols.T, out=buffer[:rows.shape[0] * cols.shape[0]].view(rows.shape[0], cols.shape[0]))
     return time.perf_counter() - start
+
+
+def _tile_flops(K: int, d: int, tile: int) -> int:
+    return sum(2 * len(range(K)[r]) * len(range(K)[c]) * d for r, c in _tiles(K, tile))
+
+
+@contextlib.contextmanager
+def _timed_sweeps():
+    """Records the seconds of each pairwise sweep compute() runs (means first, then the
+    classifier rows) by wrapping ``ncstats_pairwise.pairwise_sums`` for the block."""
+    seconds = []
+    original = ncstats_pairwise.pairwise_sums
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+        return result
+
+    ncstats_pairwise.pairwise_sums = timed
+    try:
+        yield seconds
+    finally:
+        ncstats_pairwise.pairwise_sums = original
 
 
 def main() -> None:
@@ -85,6 +122,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=1_048_576)
     parser.add_argument("--batch", type=int, default=8192)
+    parser.add_argument("--paired-rows", type=int, default=8192, help="rows of the paired sweep-vs-GEMM rounds")
+    parser.add_argument("--rounds", type=int, default=7, help="paired sweep-vs-GEMM rounds")
     parser.add_argument("--update-only", action="store_true", help="stop after the update measurement")
     args = parser.parse_args()
     K, d = args.classes, args.dim
@@ -94,17 +133,21 @@ def main() -> None:
     bias = 0.1 * torch.randn(K, generator=g)
 
     stats = NCStats(K, d)
-    update_s = gram_s = 0.0
-    ratios = []
+    update_s = mkl_s = onednn_s = 0.0
+    mkl_ratios, onednn_ratios = [], []
     for features, target in _batches(means, args.samples, args.batch, seed=1):
         start = time.perf_counter()
         features.T @ features
-        gram = time.perf_counter() - start
+        mkl = time.perf_counter() - start
+        start = time.perf_counter()
+        mm_t(features.T, features.T)
+        onednn = time.perf_counter() - start
         start = time.perf_counter()
         stats.update(features, target)
         update = time.perf_counter() - start
-        update_s, gram_s = update_s + update, gram_s + gram
-        ratios.append(gram / update)
+        update_s, mkl_s, onednn_s = update_s + update, mkl_s + mkl, onednn_s + onednn
+        mkl_ratios.append(mkl / update)
+        onednn_ratios.append(onednn / update)
     state_bytes = sum(t.numel() * t.element_size() for t in (stats.counts, stats.means, stats.within_scatter,
                                                             stats.class_sq))
     observed = int((stats.counts > 0).sum())
@@ -115,19 +158,23 @@ def main() -> None:
         ("samples N (batches of)", f"{args.samples} ({args.batch})"),
         ("threads", str(torch.get_num_threads())),
         ("update total (s)", f"{update_s:.2f}"),
-        ("bare fp32 Gram loop (s)", f"{gram_s:.2f}"),
-        ("update / Gram throughput (median)", f"{statistics.median(ratios):.2f}  (target >= 0.5)"),
+        ("bare fp32 Gram loop, MKL / oneDNN (s)", f"{mkl_s:.2f} / {onednn_s:.2f}"),
+        ("update / Gram throughput (median), MKL", f"{statistics.median(mkl_ratios):.2f}  (target >= 0.5)"),
+        ("update / Gram throughput (median), oneDNN", f"{statistics.median(onednn_ratios):.2f}"),
     ]
     _print(rows)
     if args.update_only:
         return
 
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, _timed_sweeps() as sweeps:
         start = time.perf_counter()
         metrics = stats.compute(weight, bias, classes=classes, pairwise_dtype=torch.float32)
         compute_s = time.perf_counter() - start
+    means_sweep_s, classifier_sweep_s = sweeps
     rows = [
         ("compute() with W, b (s)", f"{compute_s:.1f}  (target <= 120 at the full size)"),
+        ("  sweep of the means / of W (s)", f"{means_sweep_s:.1f} / {classifier_sweep_s:.1f}"),
+        ("  the rest of compute() (s)", f"{compute_s - means_sweep_s - classifier_sweep_s:.1f}"),
         ("state size (MiB)", f"{state_bytes / 2**20:.0f}"),
         ("compute() extra peak (MiB)", f"{memory.extra / 2**20:.0f}  ({memory.extra / state_bytes:.2f}x state, "
                                        f"target <= 1.5x)"),
@@ -135,24 +182,41 @@ def main() -> None:
     ]
     _print(rows)
 
-    # The pairwise part alone, and the bare GEMMs of its tiles, in the same run.
+    # The bare GEMMs of the same tiles (the means' unit rows; W's sweep has the same shapes).
     index = None if classes == "all" else (stats.counts > 0).nonzero().flatten()
-    counts = stats.counts if index is None else stats.counts[index]
-    class_sq = stats.class_sq if index is None else stats.class_sq[index]
     mu_g = global_mean_of(stats.counts, stats.means, "samples")
     summary = ncstats_pairwise.summarize_rows(stats.means, mu_g, torch.float32, index)
-    start = time.perf_counter()
-    ncstats_pairwise.pairwise_sums(summary.unit, summary.norms, class_sq / counts)
-    pairwise_s = time.perf_counter() - start
-    gemm_s = _bare_gemm_seconds(summary.unit, ncstats_pairwise.TILE_ROWS)
-    flops = counts.shape[0] ** 2 * d  # upper triangle (K²/2 tiles) × 2 flops per multiply-add
-
+    unit = summary.unit
+    tile = ncstats_pairwise.TILE_ROWS
+    gflop = _tile_flops(unit.shape[0], d, tile) / 1e9
+    onednn_s = _bare_gemm_seconds(unit, tile, "onednn")
+    mkl_s = _bare_gemm_seconds(unit, tile, "mkl")
     rows = [
-        ("pairwise sweep of the means (s)", f"{pairwise_s:.1f}"),
-        ("bare fp32 GEMM of the same tiles (s)", f"{gemm_s:.1f}  ({flops / gemm_s / 1e9:.0f} GFLOP/s)"),
-        ("pairwise / GEMM throughput", f"{gemm_s / pairwise_s:.2f}  (target >= 0.5)"),
+        ("tiles (rows) / GFLOP per sweep", f"{tile} / {gflop:.0f}"),
+        ("bare fp32 GEMMs of the tiles, oneDNN (s)", f"{onednn_s:.1f}  ({gflop / onednn_s:.0f} GFLOP/s)"),
+        ("bare fp32 GEMMs of the tiles, MKL (s)", f"{mkl_s:.1f}  ({gflop / mkl_s:.0f} GFLOP/s)"),
+        ("sweep of the means: rate", f"{gflop / means_sweep_s:.0f} GFLOP/s = {onednn_s / means_sweep_s:.2f}x oneDNN, "
+                                     f"{mkl_s / means_sweep_s:.2f}x MKL  (target >= 0.5)"),
+        ("sweep of W: rate", f"{gflop / classifier_sweep_s:.0f} GFLOP/s = {onednn_s / classifier_sweep_s:.2f}x oneDNN, "
+                             f"{mkl_s / classifier_sweep_s:.2f}x MKL"),
     ]
     _print(rows)
+
+    # The same ratios from paired rounds on the first rows (each round: the sweep, then the
+    # bare GEMMs of its tiles on both libraries), robust to a shared machine's slow spells.
+    rows_used = min(unit.shape[0], args.paired_rows)
+    counts = stats.counts if index is None else stats.counts[index]
+    class_sq = stats.class_sq if index is None else stats.class_sq[index]
+    variances = (class_sq / counts)[:rows_used]
+    onednn_ratios, mkl_ratios = [], []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        ncstats_pairwise.pairwise_sums(unit[:rows_used], summary.norms[:rows_used], variances)
+        sweep = time.perf_counter() - start
+        onednn_ratios.append(_bare_gemm_seconds(unit[:rows_used], tile, "onednn") / sweep)
+        mkl_ratios.append(_bare_gemm_seconds(unit[:rows_used], tile, "mkl") / sweep)
+    _print([(f"paired rounds ({args.rounds}, first {rows_used} rows): sweep rate",
+             f"{statistics.median(onednn_ratios):.2f}x oneDNN, {statistics.median(mkl_ratios):.2f}x MKL (medians)")])
 
 
 def _print(rows) -> None:

@@ -14,13 +14,16 @@ vocabulary's K (10⁵) does not fit in memory. Here nothing K×K is ever formed:
   one GEMM and one fused reduction (``csrc/ncstats.cpp`` on CPU, torch ops elsewhere).
 
 Precision of the tiles (``pairwise_dtype``): float64 reproduces the dense float64 formulas to
-rounding (~1e-15 relative). float32 runs the GEMM at twice the speed and half the memory; a
+rounding (~1e-15 relative). float32 takes half the memory and, on CPU, runs on oneDNN's
+AVX-512 GEMM (:func:`ncfast._matmul.mm_t`): ~4× float64's rate on the 2-core Zen 5 measured
+(≈ 430 against ≈ 107 GFLOP/s at d = 1024), ~2× where both use the same library. A
 cosine of two unit rows then carries an absolute error below d·2⁻²⁴ (≈ √d·2⁻²⁴ in practice,
 ~2e-6 at d = 1024), so the max-angle is off by at most that much in absolute terms, and a
 CDNV term by a relative 2‖u_k‖‖u_l‖/‖u_k − u_l‖² times it — small unless two means nearly
 coincide relative to their length (never near collapse, where ‖u_k − u_l‖² ≈ ‖u_k‖² + ‖u_l‖²).
-The d×d Grams are always float64; the equiangularity carries the tiles' cosine error; NC2/NC3 are √(2 − 2⟨A, E⟩/‖A‖_F) with an absolute error ~1e-8
-when they are near 0 (they are distances to the ETF: exactly collapsed gives ≲ 1e-8, not 0).
+The d×d Grams are always float64; the equiangularity carries the tiles' cosine error; NC2/NC3
+are √(2 − 2⟨A, E⟩/‖A‖_F) with an absolute error ~1e-8 when they are near 0 (they are distances
+to the ETF: exactly collapsed gives ≲ 1e-8, not 0).
 """
 
 from __future__ import annotations
@@ -32,13 +35,20 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._matmul import mm_t
 
-#: rows of one pairwise tile: a T×T float32 tile is 64 MiB, its GEMM T²·d flops
-TILE_ROWS = 4096
+#: rows of one pairwise tile (its GEMM is T²·d multiply-adds). oneDNN allocates each product:
+#: a 2048² float32 tile (16 MiB) is reused by the C allocator and stays in this CPU's 32 MiB L3
+#: for the reduction, where a 4096² one (64 MiB) is a fresh mmap and page faults each time.
+#: Measured on 2 Zen 5 cores at d = 1024: 460 GFLOP/s at T = 2048, 404 at T = 4096.
+TILE_ROWS = 2048
 #: rows converted to float64 at a time when summarising a K×d matrix (16 MiB at d = 1024)
 BLOCK_ROWS = 2048
 #: up to this many classes the pairwise tiles are float64 by default, float32 above
 FLOAT64_TILES_UP_TO = 8192
+#: column blocks of the float64 Gram VᵀV: only the 10 blocks on and above the diagonal are
+#: multiplied (62.5 % of the flops; at d = 1024, 2048-row blocks: 27 ms instead of 41)
+GRAM_COLUMN_BLOCKS = 4
 
 
 @dataclasses.dataclass
@@ -66,6 +76,20 @@ def row_blocks(count: int, index: Optional[Tensor]):
         yield start, stop, (slice(start, stop) if index is None else index[start:stop])
 
 
+def _add_upper_gram(gram: Tensor, rows: Tensor) -> None:
+    """gram += rowsᵀ rows on and above the diagonal blocks only (``rows`` (R, d), ``gram``
+    (d, d)); :func:`_mirror_upper` completes it once every block of rows is in."""
+    d = gram.shape[0]
+    width = -(-d // GRAM_COLUMN_BLOCKS)
+    for i in range(0, d, width):
+        gram[i:i + width, i:].addmm_(rows[:, i:i + width].T, rows[:, i:])
+
+
+def _mirror_upper(gram: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle is ``gram``'s (exactly symmetric)."""
+    return gram.triu() + gram.triu(1).T
+
+
 def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optional[torch.dtype],
                    index: Optional[Tensor] = None) -> RowSummary:
     """Summarise the rows v_k = matrix_k − centre of ``matrix`` (K, d) (only the rows ``index``
@@ -84,7 +108,7 @@ def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optiona
         rows = matrix[selected].to(torch.float64, copy=True)  # a copy: normalised in place below
         if centre is not None:
             rows -= centre
-        gram.addmm_(rows.T, rows)
+        _add_upper_gram(gram, rows)
         row_sum += rows.sum(0)
         norm = torch.linalg.vector_norm(rows, dim=1)
         norms[start:stop] = norm
@@ -93,7 +117,7 @@ def summarize_rows(matrix: Tensor, centre: Optional[Tensor], unit_dtype: Optiona
         unit_sq += (rows * rows).sum()
         if unit is not None:
             unit[start:stop] = rows
-    return RowSummary(norms, gram, unit_sum, float(unit_sq), row_sum, unit)
+    return RowSummary(norms, _mirror_upper(gram), unit_sum, float(unit_sq), row_sum, unit)
 
 
 def std_mean_ratio(values: Tensor) -> float:
@@ -175,22 +199,23 @@ def _tile_sums(cos: Tensor, norm_r: Tensor, norm_c: Tensor, var_r: Optional[Tens
 
 
 def pairwise_sums(unit: Tensor, norms: Tensor, variances: Optional[Tensor] = None, mean_cos: float = 0.0,
-                  tile: int = TILE_ROWS):
+                  tile: Optional[int] = None):
     """Means over ordered pairs k ≠ l of |cos_kl + 1/(K−1)| (max-angle) and, with
     ``variances`` (K,) σ_k², of (σ_k² + σ_l²)/(2‖u_k − u_l‖²) (CDNV), and the unbiased std of
     cos_kl around its mean ``mean_cos`` (:func:`mean_cosine`; the equiangularity), where
     ``unit`` (K, d) holds û_k and ``norms`` (K,) ‖u_k‖. Only the tiles i ≤ j are computed (each
-    off-diagonal one counts twice); memory is one T×T tile. Returns (max_angle, cdnv or None,
-    equiangularity)."""
+    off-diagonal one counts twice); memory is one T×T tile (``tile`` rows, default
+    :data:`TILE_ROWS`). Float32 CPU tiles are oneDNN's products (:func:`ncfast._matmul.mm_t`).
+    Returns (max_angle, cdnv or None, equiangularity)."""
     K = unit.shape[0]
+    tile = TILE_ROWS if tile is None else tile
     shift = 1.0 / (K - 1)
-    buffer = torch.empty(min(tile, K) ** 2, dtype=unit.dtype, device=unit.device)
     abs_total = cdnv_total = sq_total = 0.0
     for i in range(0, K, tile):
         rows = unit[i:i + tile]
         for j in range(i, K, tile):
             cols = unit[j:j + tile]
-            cos = torch.mm(rows, cols.T, out=buffer[:rows.shape[0] * cols.shape[0]].view(rows.shape[0], cols.shape[0]))
+            cos = mm_t(rows, cols)
             var_r = None if variances is None else variances[i:i + tile]
             var_c = None if variances is None else variances[j:j + tile]
             abs_sum, cdnv_sum, sq_sum = _tile_sums(cos, norms[i:i + tile], norms[j:j + tile], var_r, var_c, shift,

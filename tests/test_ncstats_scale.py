@@ -90,6 +90,28 @@ def test_float32_tiles_within_their_error_bound():
         stats.compute(pairwise_dtype=torch.float16)
 
 
+def test_float32_tiles_are_thread_count_independent():
+    # Tiles of 1024² cosines: the reduction splits rows over two threads, oneDNN's product
+    # (float32 on CPU) runs on both cores; a ragged last tile and diagonal tiles included.
+    K, d = 2500, 64
+    g = torch.Generator().manual_seed(3)
+    unit = torch.nn.functional.normalize(torch.randn(K, d, generator=g), dim=1)
+    norms = 1 + torch.rand(K, dtype=torch.float64, generator=g)
+    variances = torch.rand(K, dtype=torch.float64, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ncstats_pairwise.pairwise_sums(unit, norms, variances, 0.01, tile=1024)
+        torch.set_num_threads(2)
+        two = ncstats_pairwise.pairwise_sums(unit, norms, variances, 0.01, tile=1024)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+    assert one == ncstats_pairwise.pairwise_sums(unit, norms, variances, 0.01, tile=1024)
+    exact = ncstats_pairwise.pairwise_sums(unit.double(), norms, variances, 0.01, tile=K)
+    assert one == pytest.approx(exact, rel=1e-5)
+
+
 def test_update_touches_only_the_batch_classes():
     # Batches of a few classes out of many: the result equals the two-pass truth, and classes
     # a batch does not hold keep their state bit for bit.

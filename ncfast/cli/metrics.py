@@ -4,7 +4,13 @@ neural-collapse metrics of saved features, streamed from memory-mapped ``.npy`` 
 Every malformed input (a missing, empty or non-``.npy`` file, a ``.npz`` archive, wrong
 shapes or dtypes, d = 0, labels out of range or so large that K would not fit in memory,
 non-finite values, metrics that come out non-finite) is one line on stderr and exit code 2;
-label values are checked against K before anything sized by K is allocated."""
+label values are checked against K before anything sized by K is allocated.
+
+numpy has no bfloat16. ``np.save`` of an ml_dtypes (JAX) bfloat16 array writes 2-byte raw values
+(dtype ``V2``), and a torch bfloat16 tensor is saved as its bits (``t.view(torch.int16)``);
+``--bfloat16`` reads such arrays (features, weight, bias) as bfloat16 and streams them as they
+are. Without it a ``V2`` array is refused with a line that names the flag. ``.pt`` files are not
+read (unpickling a file runs code)."""
 
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ CLI_HELP = "Neural-collapse metrics of saved features (N, d) and labels (N,) str
 
 #: feature dtypes streamed as they are (anything else floating is read as float32)
 _STREAMED = (np.float16, np.float32, np.float64)
+#: dtypes that hold bfloat16 bits under ``--bfloat16``: numpy's form of ml_dtypes' bfloat16, torch's view
+_BFLOAT16_BITS = (np.dtype("V2"), np.dtype(np.int16), np.dtype(np.uint16))
 _PAIRWISE = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -31,6 +39,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("labels", help="class labels, a .npy array (N,) of integers in [0, K)")
     parser.add_argument("--weight", help="classifier weight, a .npy array (K, d): enables NC2-NC4, NCC, margins")
     parser.add_argument("--bias", help="classifier bias, a .npy array (K,)")
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="read 2-byte raw arrays as bfloat16: dtype V2 (np.save of an ml_dtypes/JAX bfloat16 "
+                             "array) or int16/uint16 (a torch bfloat16 tensor saved as t.view(torch.int16))")
     parser.add_argument("--num-classes", type=int, default=None, help="K (default: largest label + 1)")
     parser.add_argument("--classes", choices=CLASS_SETS, default="all",
                         help="all (default): every class needs samples; observed: the metrics over the classes "
@@ -60,19 +71,31 @@ def _load(path: str, name: str, ndim: int) -> np.ndarray:
     return array
 
 
-def _classifier_tensor(path: str, name: str, ndim: int, shape: tuple) -> Tensor:
+def _float_array(path: str, name: str, ndim: int, bfloat16: bool) -> np.ndarray:
+    """The memory-mapped array at ``path``, checked to hold floats (or bfloat16 bits)."""
     array = _load(path, name, ndim)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise CLIError(f"{name}: expected floating-point values, got {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating) or (bfloat16 and array.dtype in _BFLOAT16_BITS):
+        return array
+    if array.dtype == np.dtype("V2"):
+        raise CLIError(f"{name}: {path} holds 2-byte raw values (dtype V2), as np.save writes a bfloat16 array "
+                       f"(ml_dtypes, JAX); pass --bfloat16 to read them as bfloat16")
+    raise CLIError(f"{name}: expected floating-point values, got {array.dtype}")
+
+
+def _classifier_tensor(path: str, name: str, ndim: int, shape: tuple, bfloat16: bool) -> Tensor:
+    array = _float_array(path, name, ndim, bfloat16)
     if array.shape != shape:
         raise CLIError(f"{name}: expected shape {shape}, got {array.shape}")
-    dtype = array.dtype if array.dtype in _STREAMED else np.float32
-    return torch.from_numpy(np.array(array, dtype=dtype))
+    return _float_tensor(array)
 
 
 def _float_tensor(chunk: np.ndarray) -> Tensor:
+    """A writable copy of the memory-mapped rows: float16/32/64 as they are, bfloat16 bits as
+    bfloat16, any other float as float32."""
+    if not np.issubdtype(chunk.dtype, np.floating):  # bfloat16 bits (see _float_array)
+        return torch.from_numpy(np.array(chunk).view(np.int16)).view(torch.bfloat16)
     dtype = chunk.dtype if chunk.dtype in _STREAMED else np.float32
-    return torch.from_numpy(np.array(chunk, dtype=dtype))  # a writable copy of the memory-mapped rows
+    return torch.from_numpy(np.array(chunk, dtype=dtype))
 
 
 def _label_range(labels: np.ndarray, chunks) -> tuple[int, int]:
@@ -111,10 +134,8 @@ def _physical_memory() -> int:
 def run(args) -> int:
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    features = _load(args.features, "features", 2)
+    features = _float_array(args.features, "features", 2, args.bfloat16)
     labels = _load(args.labels, "labels", 1)
-    if not np.issubdtype(features.dtype, np.floating):
-        raise CLIError(f"features: expected floating-point values, got {features.dtype}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise CLIError(f"labels: expected integer class labels, got {labels.dtype}")
     N, d = features.shape
@@ -128,11 +149,11 @@ def run(args) -> int:
     num_classes = _num_classes(args.num_classes, *_label_range(labels, chunks), d)
     weight = bias = None
     if args.weight is not None:
-        weight = _classifier_tensor(args.weight, "weight", 2, (num_classes, d))
+        weight = _classifier_tensor(args.weight, "weight", 2, (num_classes, d), args.bfloat16)
     if args.bias is not None:
         if weight is None:
             raise CLIError("bias: needs --weight")
-        bias = _classifier_tensor(args.bias, "bias", 1, (num_classes,))
+        bias = _classifier_tensor(args.bias, "bias", 1, (num_classes,), args.bfloat16)
 
     def stream(label: str, sink) -> None:
         bar = progress_bar(len(chunks), label, enabled=not args.quiet)
