@@ -48,30 +48,28 @@ def _address(tensor: Optional[Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def _blocks_layout(tensor: Tensor) -> tuple:
-    """(outer, classes, inner) strides of (B, K, S) logits or gradients ((N, K) is S = 1)."""
-    strides = tensor.stride()
-    return strides if tensor.dim() == 3 else (strides[0], strides[1], 0)
-
-
 def _cpp_forward(logits, target, weight, alpha, grad, lse, options, mean):
     # The kernel reads and writes these tensors by address, with sizes and strides passed
     # alongside: no per-call buffer objects (which cost more than a small call's kernel).
     # ``target`` comes as (B, S) or (N,) int64; the other tensors are this module's own.
-    B, K = logits.shape[0], logits.shape[1]
-    S = logits.shape[2] if logits.dim() == 3 else 1
     if target.dtype is not torch.int64:
         target = target.to(torch.int64)
-    target_strides = target.stride() if target.dim() == 2 else (target.stride(0), 0)
-    rows = torch.empty(B * S, dtype=accumulation_dtype(logits.dtype))
+    if logits.dim() == 3:  # (B, K, S): (outer, classes, inner) strides
+        B, K, S = logits.shape
+        logits_layout, grad_layout, target_layout = logits.stride(), grad.stride(), target.stride()
+    else:  # (N, K): S = 1
+        (B, K), S = logits.shape, 1
+        logits_layout, grad_layout, target_layout = (*logits.stride(), 0), (*grad.stride(), 0), (target.stride(0), 0)
+    dtype = logits.dtype
+    rows = torch.empty(B * S, dtype=accumulation_dtype(dtype))
     # The kernel also reduces the rows (float64, fixed order): no tensor op after the call.
-    value = None if options.reduction == "none" else torch.empty((), dtype=logits.dtype)
+    value = None if options.reduction == "none" else torch.empty((), dtype=dtype)
     weight, alpha = _float64_vector(weight), _float64_vector(alpha)
     total = _backend._C.loss_forward(
-        logits.data_ptr(), B, K, S, *_blocks_layout(logits), target.data_ptr(), *target_strides, grad.data_ptr(),
-        *_blocks_layout(grad), rows.data_ptr(), _address(lse), _address(value), dtype_name(logits.dtype),
-        options.kind, options.label_smoothing, options.gamma, options.kappa, options.beta, options.lse_square_scale,
-        options.softcap, _address(weight), _address(alpha), options.ignore_index, mean, torch.get_num_threads(),
+        logits.data_ptr(), B, K, S, *logits_layout, target.data_ptr(), *target_layout, grad.data_ptr(), *grad_layout,
+        rows.data_ptr(), _address(lse), _address(value), dtype_name(dtype), options.kind, options.label_smoothing,
+        options.gamma, options.kappa, options.beta, options.lse_square_scale, options.softcap, _address(weight),
+        _address(alpha), options.ignore_index, mean, torch.get_num_threads(),
     )
     return rows, total, value
 
