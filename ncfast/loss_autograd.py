@@ -42,9 +42,12 @@ def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bo
     again (``retain_graph``, gradcheck) — except with ``inplace_backward``, which scales in
     place (a second backward then raises, since the stored gradient's version changed)."""
     # "none": one factor per position, (N, 1) against (N, K), (B, 1, S) against (B, K, S).
-    factor = grad_loss.reshape((grad.shape[0], 1) + grad.shape[2:]) if reduction == "none" else grad_loss
-    if reduction != "none" and grad_loss.device.type == "cpu" and eager(grad_loss) and float(grad_loss) == 1.0:
+    if reduction == "none":
+        factor = grad_loss.reshape((grad.shape[0], 1) + grad.shape[2:])
+    elif grad_loss.is_cpu and eager(grad_loss) and float(grad_loss) == 1.0:
         return grad
+    else:
+        factor = grad_loss
     if inplace and not torch.compiler.is_compiling():
         return grad.mul_(factor)
     return grad * factor

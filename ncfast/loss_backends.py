@@ -39,9 +39,11 @@ def new_lse(logits: Tensor) -> Tensor:
 
 def _float64_vector(vector: Optional[Tensor]) -> Optional[Tensor]:
     """A per-class vector as the C++ forward reads it: a contiguous float64 CPU tensor, or None."""
-    if vector is None or (vector.dtype is torch.float64 and vector.is_cpu and vector.is_contiguous()):
-        return vector
-    return vector.detach().to("cpu", torch.float64).contiguous()
+    if vector is None:
+        return None
+    if not vector.is_cpu:
+        return vector.detach().to("cpu", torch.float64).contiguous()
+    return (vector if vector.dtype is torch.float64 else vector.double()).contiguous()
 
 
 def _address(tensor: Optional[Tensor]) -> int:

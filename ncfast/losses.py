@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from . import _checks, loss_autograd
-from ._dtypes import accumulation_dtype
 from .loss_backends import (check_op_shapes, class_last, forward, new_gradient, new_lse, num_positions,
                             release_workspace)
 from .loss_options import LOSSES, OPTIONS_SCHEMA, LossOptions, alpha_vector, checked_options, loss_options
