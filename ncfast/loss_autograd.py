@@ -137,12 +137,11 @@ class FusedLoss(torch.autograd.Function):
 class FusedLossEager(torch.autograd.Function):
     """:class:`FusedLoss` for eager calls outside every torch.func transform: the same
     formulas in the older form, whose ``apply`` neither binds the arguments through
-    ``inspect.signature`` nor walks nine option arguments (the record travels whole), and
-    whose one output is the loss: the gradient stays inside, the lse is written into the
-    ``lse`` buffer passed in (None: not wanted). A small call's kernel costs less than
-    those µs. (Forward mode, ``torch.func.jvp``, runs :class:`FusedLoss`.)
-
-    The caller (the public loss functions) has checked every shape."""
+    ``inspect.signature`` nor walks nine option arguments (the record travels whole). Its one
+    output is the loss: the gradient stays inside, and the lse goes into the ``lse`` buffer
+    passed in (None: not wanted, and the C++ kernel skips it). Each of these costs µs a call,
+    more than a small call's kernel. (Forward mode, ``torch.func.jvp``, runs
+    :class:`FusedLoss`.) The caller, a public loss function, has checked every shape."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, alpha, options, lse):

@@ -5,14 +5,14 @@ Collapse Perspective", eq. (3)–(6)), each computing loss and gradient in one p
 Layers, top to bottom:
 
 * public functions (``cross_entropy``, ``focal_loss``, ``rescaled_mse``) and ``nn.Module``s:
-  argument checking (once, into a :class:`~ncfast.loss_options.LossOptions` record) and
-  torch's shape conventions;
+  argument checking (once per distinct set of arguments, into a
+  :class:`~ncfast.loss_options.LossOptions` record) and torch's shape conventions;
 * two ``torch.library`` ops, ``ncfast::fused_loss`` (functional, returns ``(loss, grad, lse)``)
   and ``ncfast::fused_loss_`` (writes the gradient into the logits' own storage, for
   ``inplace_backward=True``); the options record is flattened once at the op boundary and
   rebuilt by name behind it. Their autograd (first and second order, torch.func) is in
-  :mod:`ncfast.loss_autograd`, whose eager route calls the implementations here directly
-  (the custom-op dispatcher costs more than a small call's kernel);
+  :mod:`ncfast.loss_autograd`, whose eager route calls the backends directly (the custom-op
+  dispatcher costs more than a small call's kernel);
 * backend dispatch to the C++ kernel (CPU), the Triton kernel (CUDA) or the torch reference, in
   :mod:`ncfast.loss_backends`.
 """
