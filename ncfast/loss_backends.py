@@ -3,9 +3,9 @@ the torch reference, behind one :func:`forward`; the reused CPU gradient buffer.
 
 Every backend takes logits as a (B, K, S) view with the caller's strides and targets (B, S), or
 (N, K) logits with (N,) targets (S = 1), fills ``grad`` (laid out as the logits, or the logits
-themselves) and ``lse`` (B·S,; the C++ kernels also take None), and returns (per-position loss w_y·ℓ (B·S,) in b-major order, Σw
-of the counted positions, the reduced loss or None where the caller reduces). Probability
-targets come as (N, K) rows."""
+themselves) and ``lse`` (B·S,; the C++ kernels also take None: not wanted), and returns
+(per-position loss w_y·ℓ (B·S,) in b-major order, Σw of the counted positions, the reduced loss
+or None where the caller reduces). Probability targets come as (N, K) rows."""
 
 from __future__ import annotations
 
@@ -140,8 +140,8 @@ def _cpp_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
     target = target.to(logits.dtype).contiguous()
     _C.soft_cross_entropy_forward(
         _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
-        None if lse is None else lse.numpy(), dtype_name(logits.dtype), as_float64(weight), options.label_smoothing, options.softcap, scale,
-        torch.get_num_threads(),
+        None if lse is None else lse.numpy(), dtype_name(logits.dtype), as_float64(weight), options.label_smoothing,
+        options.softcap, scale, torch.get_num_threads(),
     )
     return rows, total
 
