@@ -63,6 +63,8 @@ def use_backend(name: str) -> Iterator[None]:
 def backend_for(tensor: torch.Tensor) -> str:
     """The backend that runs an op whose main input is ``tensor``."""
     forced = _forced.get()
+    if forced is None and tensor.is_cpu:  # the usual case, first: it is on every call's path
+        return "cpp" if _HAS_CPP else "torch"
     on_cuda = tensor.device.type == "cuda"
     if forced == "cpp" and tensor.device.type != "cpu":
         raise ValueError(f"backend 'cpp' runs on CPU tensors only, got a tensor on {tensor.device}")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
-from .loss_backends import class_last
+from .loss_backends import class_last, forward, new_gradient
 from .loss_reduction import mean_scale, total_weight
 from .loss_options import LossOptions
 from .reference import losses as reference
@@ -42,9 +42,12 @@ def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bo
     again (``retain_graph``, gradcheck) — except with ``inplace_backward``, which scales in
     place (a second backward then raises, since the stored gradient's version changed)."""
     # "none": one factor per position, (N, 1) against (N, K), (B, 1, S) against (B, K, S).
-    factor = grad_loss.reshape((grad.shape[0], 1) + grad.shape[2:]) if reduction == "none" else grad_loss
-    if reduction != "none" and grad_loss.device.type == "cpu" and eager(grad_loss) and float(grad_loss) == 1.0:
+    if reduction == "none":
+        factor = grad_loss.reshape((grad.shape[0], 1) + grad.shape[2:])
+    elif grad_loss.is_cpu and eager(grad_loss) and float(grad_loss) == 1.0:
         return grad
+    else:
+        factor = grad_loss
     if inplace and not torch.compiler.is_compiling():
         return grad.mul_(factor)
     return grad * factor
@@ -76,29 +79,33 @@ def _recomputed_gradients(logits, target, weight, alpha, options: LossOptions, g
     return d_logits, _as_layout(d_target, target).to(target.dtype)
 
 
-def _keep_for_backward(ctx, logits, target, weight, alpha, options: LossOptions, output) -> None:
-    _, grad, lse = output
+def _keep_for_backward(ctx, logits, target, weight, alpha, options: LossOptions, grad: Tensor) -> None:
     ctx.options = options
     ctx.save_for_backward(grad, logits, target, weight, alpha)
-    ctx.mark_non_differentiable(grad, lse)
-    ctx.set_materialize_grads(False)
 
 
 def setup_context(ctx, inputs, output):
     logits, target, weight, alpha, *options = inputs
-    _keep_for_backward(ctx, logits, target, weight, alpha, LossOptions(*options), output)
-    ctx.save_for_forward(output[1])
+    _, grad, lse = output
+    _keep_for_backward(ctx, logits, target, weight, alpha, LossOptions(*options), grad)
+    ctx.mark_non_differentiable(grad, lse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_forward(grad)
+
+
+def _gradients(ctx, grad_loss: Tensor) -> tuple:
+    """(∂/∂logits, ∂/∂target) of grad_loss · loss, from what :func:`_keep_for_backward` saved."""
+    grad, logits, target, weight, alpha = ctx.saved_tensors
+    want_target = ctx.needs_input_grad[1]
+    if torch.is_grad_enabled() or want_target:  # create_graph=True, torch.func: a differentiable backward
+        return _recomputed_gradients(logits, target, weight, alpha, ctx.options, grad_loss, want_target)
+    return _scale_gradient(grad, grad_loss, ctx.options.reduction, inplace=False), None
 
 
 def backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
     if grad_loss is None:  # the loss itself took no part in what is differentiated
         return (None,) + _NO_GRADIENTS
-    grad, logits, target, weight, alpha = ctx.saved_tensors
-    want_target = ctx.needs_input_grad[1]
-    if torch.is_grad_enabled() or want_target:  # create_graph=True, torch.func: a differentiable backward
-        d_logits, d_target = _recomputed_gradients(logits, target, weight, alpha, ctx.options, grad_loss, want_target)
-        return (d_logits, d_target) + _NO_GRADIENTS[1:]
-    return (_scale_gradient(grad, grad_loss, ctx.options.reduction, inplace=False),) + _NO_GRADIENTS
+    return _gradients(ctx, grad_loss) + _NO_GRADIENTS[1:]
 
 
 def jvp(ctx, logits_tangent, *_other_tangents):
@@ -130,20 +137,22 @@ class FusedLoss(torch.autograd.Function):
 class FusedLossEager(torch.autograd.Function):
     """:class:`FusedLoss` for eager calls outside every torch.func transform: the same
     formulas in the older form, whose ``apply`` neither binds the arguments through
-    ``inspect.signature`` nor walks nine option arguments (the record travels whole): tens
-    of µs a call, more than a small call's kernel. (Forward mode, ``torch.func.jvp``, runs
-    :class:`FusedLoss`.)"""
+    ``inspect.signature`` nor walks nine option arguments (the record travels whole). Its one
+    output is the loss: the gradient stays inside, and the lse goes into the ``lse`` buffer
+    passed in (None: not wanted, and the C++ kernel skips it). Each of these costs µs a call,
+    more than a small call's kernel. (Forward mode, ``torch.func.jvp``, runs
+    :class:`FusedLoss`.) The caller, a public loss function, has checked every shape."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, alpha, options):
-        from . import losses
-        output = losses._fused_loss(logits, target, weight, alpha, *options)
-        _keep_for_backward(ctx, logits, target, weight, alpha, options, output)
-        return output
+    def forward(ctx, logits, target, weight, alpha, options, lse):
+        grad = new_gradient(logits)
+        value = forward(logits, target, weight, alpha, grad, lse, options)
+        _keep_for_backward(ctx, logits, target, weight, alpha, options, grad)
+        return value
 
     @staticmethod
-    def backward(ctx, *grads):
-        return backward(ctx, *grads)[:5]
+    def backward(ctx, grad_loss):
+        return _gradients(ctx, grad_loss) + (None, None, None, None)
 
 
 # ``FusedLossEager.apply`` without ``torch.autograd.Function.apply``'s Python wrapper, whose only

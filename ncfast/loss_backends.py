@@ -3,9 +3,9 @@ the torch reference, behind one :func:`forward`; the reused CPU gradient buffer.
 
 Every backend takes logits as a (B, K, S) view with the caller's strides and targets (B, S), or
 (N, K) logits with (N,) targets (S = 1), fills ``grad`` (laid out as the logits, or the logits
-themselves) and ``lse`` (B·S,), and returns (per-position loss w_y·ℓ (B·S,) in b-major order, Σw
-of the counted positions, the reduced loss or None where the caller reduces). Probability
-targets come as (N, K) rows."""
+themselves) and ``lse`` (B·S,; the C++ kernels also take None: not wanted), and returns
+(per-position loss w_y·ℓ (B·S,) in b-major order, Σw of the counted positions, the reduced loss
+or None where the caller reduces). Probability targets come as (N, K) rows."""
 
 from __future__ import annotations
 
@@ -32,39 +32,46 @@ def num_positions(logits: Tensor) -> int:
     return logits.shape[0] * (logits.shape[2] if logits.dim() == 3 else 1)
 
 
+def new_lse(logits: Tensor) -> Tensor:
+    """A buffer for each position's log-sum-exp: (B·S,), fp32 (fp64 for fp64 logits)."""
+    return torch.empty(num_positions(logits), dtype=accumulation_dtype(logits.dtype), device=logits.device)
+
+
 def _float64_vector(vector: Optional[Tensor]) -> Optional[Tensor]:
     """A per-class vector as the C++ forward reads it: a contiguous float64 CPU tensor, or None."""
-    return None if vector is None else vector.detach().to("cpu", torch.float64).contiguous()
+    if vector is None:
+        return None
+    if not vector.is_cpu:
+        return vector.detach().to("cpu", torch.float64).contiguous()
+    return (vector if vector.dtype is torch.float64 else vector.double()).contiguous()
 
 
 def _address(tensor: Optional[Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def _blocks_layout(tensor: Tensor) -> tuple:
-    """(outer, classes, inner) strides of (B, K, S) logits or gradients ((N, K) is S = 1)."""
-    strides = tensor.stride()
-    return strides if tensor.dim() == 3 else (strides[0], strides[1], 0)
-
-
 def _cpp_forward(logits, target, weight, alpha, grad, lse, options, mean):
     # The kernel reads and writes these tensors by address, with sizes and strides passed
     # alongside: no per-call buffer objects (which cost more than a small call's kernel).
     # ``target`` comes as (B, S) or (N,) int64; the other tensors are this module's own.
-    B, K = logits.shape[0], logits.shape[1]
-    S = logits.shape[2] if logits.dim() == 3 else 1
-    if target.dtype != torch.int64:
+    if target.dtype is not torch.int64:
         target = target.to(torch.int64)
-    target_strides = target.stride() if target.dim() == 2 else (target.stride(0), 0)
-    rows = torch.empty(B * S, dtype=accumulation_dtype(logits.dtype))
+    if logits.dim() == 3:  # (B, K, S): (outer, classes, inner) strides
+        B, K, S = logits.shape
+        logits_layout, grad_layout, target_layout = logits.stride(), grad.stride(), target.stride()
+    else:  # (N, K): S = 1
+        (B, K), S = logits.shape, 1
+        logits_layout, grad_layout, target_layout = (*logits.stride(), 0), (*grad.stride(), 0), (target.stride(0), 0)
+    dtype = logits.dtype
+    rows = torch.empty(B * S, dtype=accumulation_dtype(dtype))
     # The kernel also reduces the rows (float64, fixed order): no tensor op after the call.
-    value = None if options.reduction == "none" else torch.empty((), dtype=logits.dtype)
+    value = None if options.reduction == "none" else torch.empty((), dtype=dtype)
     weight, alpha = _float64_vector(weight), _float64_vector(alpha)
     total = _backend._C.loss_forward(
-        logits.data_ptr(), B, K, S, *_blocks_layout(logits), target.data_ptr(), *target_strides, grad.data_ptr(),
-        *_blocks_layout(grad), rows.data_ptr(), lse.data_ptr(), _address(value), dtype_name(logits.dtype),
-        options.kind, options.label_smoothing, options.gamma, options.kappa, options.beta, options.lse_square_scale,
-        options.softcap, _address(weight), _address(alpha), options.ignore_index, mean, torch.get_num_threads(),
+        logits.data_ptr(), B, K, S, *logits_layout, target.data_ptr(), *target_layout, grad.data_ptr(), *grad_layout,
+        rows.data_ptr(), _address(lse), _address(value), dtype_name(dtype), options.kind, options.label_smoothing,
+        options.gamma, options.kappa, options.beta, options.lse_square_scale, options.softcap, _address(weight),
+        _address(alpha), options.ignore_index, mean, torch.get_num_threads(),
     )
     return rows, total, value
 
@@ -133,8 +140,8 @@ def _cpp_soft_forward(logits, target, weight, alpha, grad, lse, options, mean):
     target = target.to(logits.dtype).contiguous()
     _C.soft_cross_entropy_forward(
         _backend.cpu_buffer(logits), _backend.cpu_buffer(target), _backend.cpu_buffer(grad), rows.numpy(),
-        lse.numpy(), dtype_name(logits.dtype), as_float64(weight), options.label_smoothing, options.softcap, scale,
-        torch.get_num_threads(),
+        None if lse is None else lse.numpy(), dtype_name(logits.dtype), as_float64(weight), options.label_smoothing,
+        options.softcap, scale, torch.get_num_threads(),
     )
     return rows, total
 
@@ -166,16 +173,17 @@ def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> 
 def reduce_rows(rows: Tensor, total, reduction: str, dtype: torch.dtype) -> Tensor:
     """The per-row losses reduced as torch does ("mean" divides by ``total``), in ``dtype``."""
     if reduction == "none":
-        return rows.to(dtype)
+        return rows if rows.dtype is dtype else rows.to(dtype)
     value = rows.sum()
     if reduction == "mean":
         value = value / total
     return value.to(dtype)
 
 
-def _check_op_shapes(logits: Tensor, target: Tensor, weight, alpha) -> None:
+def check_op_shapes(logits: Tensor, target: Tensor, weight, alpha) -> None:
     """The ops may be called directly (``torch.ops.ncfast.fused_loss``), past the public
-    functions' checks; the kernels read by address, so every size is checked here."""
+    functions' checks; the kernels read by address, so the ops check every size before
+    :func:`forward`."""
     K = logits.shape[1]
     if target.is_floating_point():
         expected = tuple(logits.shape)
@@ -191,11 +199,13 @@ def _check_op_shapes(logits: Tensor, target: Tensor, weight, alpha) -> None:
 
 def forward(logits, target, weight, alpha, grad, lse, options: LossOptions) -> Tensor:
     """Fills ``grad`` (laid out as ``logits``) with ∂(reduced loss)/∂logits (per-position losses'
-    gradients for "none") and ``lse`` (B·S,) with each position's log-sum-exp, and returns the
-    reduced loss in the logits' dtype. Class indices come with (B, K, S) logits and (B, S)
-    targets ((N, K) with (N,) is S = 1); probability targets with (N, K) logits and targets."""
-    _check_op_shapes(logits, target, weight, alpha)
+    gradients for "none") and ``lse`` (B·S,) with each position's log-sum-exp (None: not
+    wanted), and returns the reduced loss in the logits' dtype. Class indices come with
+    (B, K, S) logits and (B, S) targets ((N, K) with (N,) is S = 1); probability targets with
+    (N, K) logits and targets. The caller has checked the shapes (:func:`check_op_shapes`)."""
     backend = _backend.backend_for(logits)
+    if lse is None and backend != "cpp":  # the C++ kernels skip it; the others always write one
+        lse = new_lse(logits)
     mean = options.reduction == "mean"
     if target.is_floating_point():
         # The probability-target kernels read and write class-last rows.
@@ -256,7 +266,7 @@ _WORKSPACE_MIN_BYTES = 128 * 1024
 
 def new_gradient(logits: Tensor) -> Tensor:
     """A gradient buffer laid out as ``logits`` (the workspace when they are contiguous and large)."""
-    if (logits.device.type == "cpu" and logits.numel() * logits.element_size() >= _WORKSPACE_MIN_BYTES
+    if (logits.is_cpu and logits.numel() * logits.element_size() >= _WORKSPACE_MIN_BYTES
             and logits.is_contiguous() and hasattr(torch._C, "_storage_Use_Count")):
         return _workspace.take(logits.shape, logits.dtype)
     return torch.empty_like(logits)

@@ -50,7 +50,7 @@ _SCHEMA_TYPES = {str: "str", float: "float", int: "int"}
 OPTIONS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in get_type_hints(LossOptions).items())
 
 
-def _alpha_vector(alpha, num_classes: int, device: torch.device) -> Optional[Tensor]:
+def alpha_vector(alpha, num_classes: int, device: torch.device) -> Optional[Tensor]:
     if isinstance(alpha, bool):
         raise TypeError("alpha: expected None, a float, a sequence of K floats or a (K,) tensor, got bool")
     if isinstance(alpha, (int, float)):
@@ -73,6 +73,46 @@ def loss_options(loss: str, num_classes: int, device: torch.device, ignore_index
     neutral values) and returns the options record and ``alpha`` as a (K,) tensor or None.
 
     Raises TypeError/ValueError naming the argument."""
+    options = checked_options(loss, ignore_index, reduction, label_smoothing, gamma, kappa, beta, lse_square_scale,
+                              softcap)
+    if loss == "focal":
+        alpha = alpha_vector(alpha, num_classes, device)
+    return options, alpha
+
+
+# Records already checked, by their arguments and the arguments' types (``True`` equals 1 and
+# ``numpy.float32(0.5)`` equals 0.5, but neither passes the checks). A training loop calls a
+# loss with the same arguments every step; the checks cost more than a small call's kernel.
+_checked: dict[tuple, LossOptions] = {}
+_CHECKED_MAX = 256  # a schedule of hyper-parameters (say label smoothing per step) never grows it past this
+
+
+def checked_options(loss: str, ignore_index=-100, reduction="mean", label_smoothing=0.0, gamma=0.0, kappa=1.0,
+                    beta=0.0, lse_square_scale=0.0, softcap=None) -> LossOptions:
+    """The :class:`LossOptions` of ``loss`` from its arguments, checked on their first use
+    (the hyper-parameters of the other losses are ignored and keep their neutral values).
+
+    Raises TypeError/ValueError naming the argument."""
+    key = (loss, ignore_index, reduction, label_smoothing, gamma, kappa, beta, lse_square_scale, softcap,
+           type(ignore_index), type(reduction), type(label_smoothing), type(gamma), type(kappa), type(beta),
+           type(lse_square_scale), type(softcap))
+    try:
+        options = _checked.get(key)
+    except TypeError:  # an unhashable argument: never a valid one, and the checks name it
+        options = None
+    if options is None:
+        options = _check_options(loss, ignore_index, reduction, label_smoothing, gamma, kappa, beta,
+                                 lse_square_scale, softcap)
+        if len(_checked) >= _CHECKED_MAX:
+            _checked.clear()
+        _checked[key] = options
+    return options
+
+
+def _check_options(loss, ignore_index, reduction, label_smoothing, gamma, kappa, beta, lse_square_scale,
+                   softcap) -> LossOptions:
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
     _checks.reduction(reduction)
     _checks.int64("ignore_index", ignore_index)
     options = LossOptions(loss=loss, ignore_index=ignore_index, reduction=reduction)
@@ -90,10 +130,9 @@ def loss_options(loss: str, num_classes: int, device: torch.device, ignore_index
                 "softcap", softcap, lambda v: v >= 1e-30, "None or a finite value >= 1e-30"))
     elif loss == "focal":
         options = options._replace(gamma=_checks.finite_float("gamma", gamma, lambda g: g >= 0, "a finite value >= 0"))
-        alpha = _alpha_vector(alpha, num_classes, device)
     else:
         options = options._replace(
             kappa=_checks.finite_float("kappa", kappa, lambda k: k > 0, "a finite value > 0"),
             beta=_checks.finite_float("beta", beta, lambda b: True, "a finite value"),
         )
-    return options, alpha
+    return options

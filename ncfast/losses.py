@@ -5,14 +5,14 @@ Collapse Perspective", eq. (3)–(6)), each computing loss and gradient in one p
 Layers, top to bottom:
 
 * public functions (``cross_entropy``, ``focal_loss``, ``rescaled_mse``) and ``nn.Module``s:
-  argument checking (once, into a :class:`~ncfast.loss_options.LossOptions` record) and
-  torch's shape conventions;
+  argument checking (once per distinct set of arguments, into a
+  :class:`~ncfast.loss_options.LossOptions` record) and torch's shape conventions;
 * two ``torch.library`` ops, ``ncfast::fused_loss`` (functional, returns ``(loss, grad, lse)``)
   and ``ncfast::fused_loss_`` (writes the gradient into the logits' own storage, for
   ``inplace_backward=True``); the options record is flattened once at the op boundary and
   rebuilt by name behind it. Their autograd (first and second order, torch.func) is in
-  :mod:`ncfast.loss_autograd`, whose eager route calls the implementations here directly
-  (the custom-op dispatcher costs more than a small call's kernel);
+  :mod:`ncfast.loss_autograd`, whose eager route calls the backends directly (the custom-op
+  dispatcher costs more than a small call's kernel);
 * backend dispatch to the C++ kernel (CPU), the Triton kernel (CUDA) or the torch reference, in
   :mod:`ncfast.loss_backends`.
 """
@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from . import _checks, loss_autograd
-from ._dtypes import accumulation_dtype
-from .loss_backends import class_last, forward, new_gradient, num_positions, release_workspace
-from .loss_options import LOSSES, OPTIONS_SCHEMA, LossOptions, loss_options
+from .loss_backends import (check_op_shapes, class_last, forward, new_gradient, new_lse, num_positions,
+                            release_workspace)
+from .loss_options import LOSSES, OPTIONS_SCHEMA, LossOptions, alpha_vector, checked_options, loss_options
 
 REDUCTIONS = _checks.REDUCTIONS
 __all__ = ["LOSSES", "LossOptions", "loss_options", "cross_entropy", "focal_loss", "rescaled_mse",
@@ -41,17 +41,14 @@ __all__ = ["LOSSES", "LossOptions", "loss_options", "cross_entropy", "focal_loss
 _INPUTS_SCHEMA = "Tensor? weight, Tensor? alpha, " + OPTIONS_SCHEMA
 
 
-def _new_lse(logits: Tensor) -> Tensor:
-    return torch.empty(num_positions(logits), dtype=accumulation_dtype(logits.dtype), device=logits.device)
-
-
 def _fused_loss(logits: Tensor, target: Tensor, weight, alpha, *options) -> tuple[Tensor, Tensor, Tensor]:
     """Loss and its gradient in one pass on (B, K, S) ``logits`` (any strides) and (B, S)
     ``target`` ((N, K) and (N,) are S = 1; probability targets are (N, K)): ``(loss, grad, lse)``
     with ``grad`` of the logits' shape, dtype and layout and ``lse`` (B·S,) each position's
     log-sum-exp (fp32; fp64 for fp64 logits; 0 for ignored positions and the MSE). ``options``
     are the fields of :class:`LossOptions`, in order."""
-    grad, lse = new_gradient(logits), _new_lse(logits)
+    check_op_shapes(logits, target, weight, alpha)
+    grad, lse = new_gradient(logits), new_lse(logits)
     value = forward(logits, target, weight, alpha, grad, lse, LossOptions(*options))
     return value, grad, lse
 
@@ -59,7 +56,8 @@ def _fused_loss(logits: Tensor, target: Tensor, weight, alpha, *options) -> tupl
 def _fused_loss_(logits: Tensor, target: Tensor, weight, alpha, *options) -> tuple[Tensor, Tensor]:
     """As :func:`_fused_loss`, but the gradient overwrites ``logits``; returns ``(loss, lse)``.
     Every backend reads each element before it writes its gradient, in any layout."""
-    lse = _new_lse(logits)
+    check_op_shapes(logits, target, weight, alpha)
+    lse = new_lse(logits)
     return forward(logits, target, weight, alpha, logits, lse, LossOptions(*options)), lse
 
 
@@ -80,12 +78,12 @@ fused_loss_ = torch.library.custom_op(
 @fused_loss.register_fake
 def _(logits, target, weight, alpha, *options):
     value = logits.new_empty(_loss_shape(logits, options))
-    return value, torch.empty_like(logits), _new_lse(logits)
+    return value, torch.empty_like(logits), new_lse(logits)
 
 
 @fused_loss_.register_fake
 def _(logits, target, weight, alpha, *options):
-    return logits.new_empty(_loss_shape(logits, options)), _new_lse(logits)
+    return logits.new_empty(_loss_shape(logits, options)), new_lse(logits)
 
 
 torch.library.register_autograd("ncfast::fused_loss", loss_autograd.backward, setup_context=loss_autograd.setup_context)
@@ -102,6 +100,10 @@ def _as_rows(logits: Tensor, target: Tensor):
     logits as they are with (N,) int64 targets ((K,) logits are (1, K, 1)); for
     probability targets (N·d1·…, K) class-last logits and targets; and the shape of a
     per-sample output."""
+    if (isinstance(logits, Tensor) and isinstance(target, Tensor) and target.dtype is torch.int64
+            and logits.dtype in _checks.FLOAT_DTYPES and logits.dim() == 2 and target.dim() == 1
+            and target.shape[0] == logits.shape[0] and logits.shape[1] and target.device == logits.device):
+        return logits, target, target.shape  # the usual call, every check below passed, nothing to reshape
     _checks.float_tensor("logits", logits, "(N, K)")
     if not isinstance(target, Tensor):
         raise TypeError(f"target: expected a tensor, got {type(target).__name__}")
@@ -146,16 +148,20 @@ def _flattens_in_place(logits: Tensor) -> bool:
     return all(outer[1] == inner[1] * inner[0] for outer, inner in zip(dims, dims[1:]))
 
 
-def _fused(loss, logits, target, weight, inplace_backward, return_lse=False, process_group=None, **arguments):
+def _fused(loss, logits, target, weight, inplace_backward, return_lse=False, process_group=None, alpha=None,
+           **arguments):
     rows_logits, rows_target, sample_shape = _as_rows(logits, target)
     num_classes = rows_logits.shape[1]
-    options, alpha = loss_options(loss, num_classes, logits.device, **arguments)
+    options = checked_options(loss, **arguments)
+    if alpha is not None:
+        alpha = alpha_vector(alpha, num_classes, logits.device)
     if rows_target.is_floating_point():
         _check_soft_target(options, process_group, inplace_backward)
     if weight is not None and process_group is None:  # else the ranks' slices give K
         weight = _checks.class_vector("weight", weight, num_classes, logits.device, "logits")
     if alpha is not None:
         alpha = _checks.class_vector("alpha", alpha, num_classes, logits.device, "logits")
+    lse = None
     if process_group is not None:
         from . import vocab_parallel
 
@@ -176,20 +182,24 @@ def _fused(loss, logits, target, weight, inplace_backward, return_lse=False, pro
     elif torch.compiler.is_compiling():  # the op, whose autograd is registered: dynamo traces no custom jvp
         value, _, lse = torch.ops.ncfast.fused_loss(rows_logits, rows_target, weight, alpha, *options)
     elif torch._C._functorch.maybe_current_level() is None:  # no torch.func transform around this call
+        lse = new_lse(rows_logits) if return_lse else None
         if _functorch_wrapped(rows_logits, rows_target, weight, alpha):  # left over from a finished transform
-            value, _, lse = loss_autograd.FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options)
+            value = loss_autograd.FusedLossEager.apply(rows_logits, rows_target, weight, alpha, options, lse)
         else:
-            value, _, lse = loss_autograd.apply_eager(rows_logits, rows_target, weight, alpha, options)
+            value = loss_autograd.apply_eager(rows_logits, rows_target, weight, alpha, options, lse)
     else:
         value, _, lse = loss_autograd.FusedLoss.apply(rows_logits, rows_target, weight, alpha, *options)
-    if options.reduction == "none":
+    if options.reduction == "none" and logits.dim() != 2:  # (N, K) logits: the rows are the samples already
         value = value.reshape(sample_shape)
     return (value, lse.reshape(sample_shape)) if return_lse else value
 
 
 def _functorch_wrapped(*tensors) -> bool:
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(tensor is not None and is_wrapped(tensor) for tensor in tensors)
+    for tensor in tensors:
+        if tensor is not None and is_wrapped(tensor):
+            return True
+    return False
 
 
 def _check_soft_target(options: LossOptions, process_group, inplace_backward) -> None:

@@ -166,19 +166,24 @@ def test_linear_torch_func_grad():
                                atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_eager_fast_path_equals_the_op(backend):
-    """Eager calls skip the custom-op dispatcher; the op (torch.compile's route) and the
-    torch.func route give the same bits, loss and gradient."""
+def test_eager_fast_path_equals_the_op(backend, reduction):
+    """Eager calls skip the custom-op dispatcher (and write the lse only when it is asked for);
+    the op (torch.compile's route) and the torch.func route give the same bits: loss, lse and
+    gradient."""
     logits, target, weight = problem(n=9, k=7)
     logits = logits.float()
-    options, _ = ncfast.loss_options.loss_options("cross_entropy", 7, logits.device, label_smoothing=0.1)
+    kwargs = dict(weight=weight, label_smoothing=0.1, reduction=reduction)
+    options, _ = ncfast.loss_options.loss_options("cross_entropy", 7, logits.device, label_smoothing=0.1,
+                                                  reduction=reduction)
     with ncfast.use_backend(backend):
-        eager = ncfast.cross_entropy(logits, target, weight=weight, label_smoothing=0.1)
+        eager = ncfast.cross_entropy(logits, target, **kwargs)
+        eager_with_lse, eager_lse = ncfast.cross_entropy(logits, target, return_lse=True, **kwargs)
         x = logits.clone().requires_grad_(True)
-        ncfast.cross_entropy(x, target, weight=weight, label_smoothing=0.1).backward()
-        value, grad, _ = torch.ops.ncfast.fused_loss(logits, target, weight, None, *options)
-        func_grad = torch.func.grad(lambda z: ncfast.cross_entropy(z, target, weight=weight, label_smoothing=0.1))(
-            logits)
-    assert torch.equal(eager, value) and torch.equal(x.grad, grad)
+        ncfast.cross_entropy(x, target, **kwargs).sum().backward()
+        value, grad, lse = torch.ops.ncfast.fused_loss(logits, target, weight, None, *options)
+        func_grad = torch.func.grad(lambda z: ncfast.cross_entropy(z, target, **kwargs).sum())(logits)
+    assert torch.equal(eager, value) and torch.equal(eager_with_lse, value) and torch.equal(eager_lse, lse)
+    assert torch.equal(x.grad, grad)
     torch.testing.assert_close(func_grad, grad, atol=1e-6, rtol=1e-6)  # recomputed in torch ops

@@ -159,6 +159,39 @@ def test_loss_bad_hyper_parameter(name, case):
             _call_module(name, dict(logits=_logits(), target=_target(), **kwargs))
 
 
+# Checked options are remembered by value and type (the checks run once per distinct set of
+# arguments): an argument equal to one that passed (True == 1, numpy.float32(0.5) == 0.5) is
+# still refused, and an unhashable one is named.
+REMEMBERED_CASES = {
+    "ignore_index-bool": ("cross_entropy", dict(ignore_index=1), dict(ignore_index=True), TypeError),
+    "label_smoothing-bool": ("cross_entropy", dict(label_smoothing=1), dict(label_smoothing=True), TypeError),
+    "label_smoothing-float32": ("cross_entropy", dict(label_smoothing=0.5), dict(label_smoothing=np.float32(0.5)),
+                                TypeError),
+    "gamma-float32": ("focal_loss", dict(gamma=1.0), dict(gamma=np.float32(1.0)), TypeError),
+    "kappa-bool": ("rescaled_mse", dict(kappa=1), dict(kappa=True), TypeError),
+    "reduction-list": ("cross_entropy", dict(reduction="sum"), dict(reduction=["sum"]), ValueError),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REMEMBERED_CASES))
+def test_remembered_options_still_refuse_their_look_alikes(case):
+    name, good, bad, error = REMEMBERED_CASES[case]
+    _call_loss(name, dict(logits=_logits(), target=_target(), **good))
+    with pytest.raises(error, match=case.split("-")[0]):
+        _call_loss(name, dict(logits=_logits(), target=_target(), **bad))
+
+
+def test_remembered_options_stay_bounded():
+    from ncfast import loss_options
+
+    logits, target = _logits(dtype=torch.float64), _target()
+    for step in range(loss_options._CHECKED_MAX + 10):  # a schedule: a new value every step
+        smoothing = step / (loss_options._CHECKED_MAX + 10)
+        expected = torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)
+        torch.testing.assert_close(ncfast.cross_entropy(logits, target, label_smoothing=smoothing), expected)
+    assert len(loss_options._checked) <= loss_options._CHECKED_MAX
+
+
 # --------------------------------------------------------------------------------------------
 # the losses' documented policies: empty batches, NaN/±inf, huge values
 # --------------------------------------------------------------------------------------------

@@ -459,6 +459,31 @@ def test_z_loss_and_softcap(backend, dtype, reduction, extras):
     close(inplace_grad, expected_grad, dtype)
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "focal_loss", "rescaled_mse"])
+def test_every_integer_target_dtype_gives_the_same_bits(name):
+    # (N, K) logits with int64 targets take a shorter path than other integer dtypes and other
+    # ranks; the dtypes must agree bit for bit (the kernel reads int64 either way), the
+    # (N, K, 1) layout to rounding, and cross-entropy with torch.
+    logits, target = make_inputs(11, 9, torch.float32, ignore=True)
+    fn = getattr(ncfast, name)
+    results = {}
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        x = logits.clone().requires_grad_(True)
+        y = target.clamp(min=0).to(dtype) if dtype == torch.uint8 else target.to(dtype)  # uint8 has no -100
+        fn(x, y).backward()
+        results[dtype] = (fn(logits, y), x.grad)
+        # the same rows as (N, K, 1) logits and (N, 1) targets: the general path
+        x3 = logits[:, :, None].clone().requires_grad_(True)
+        fn(x3, y[:, None]).backward()
+        torch.testing.assert_close(fn(logits[:, :, None], y[:, None]), results[dtype][0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(x3.grad[:, :, 0], results[dtype][1], rtol=1e-6, atol=1e-7)
+    for dtype in (torch.int32, torch.int16):
+        assert torch.equal(results[dtype][0], results[torch.int64][0])
+        assert torch.equal(results[dtype][1], results[torch.int64][1])
+    if name == "cross_entropy":
+        close(results[torch.uint8][0], F.cross_entropy(logits.double(), target.clamp(min=0)), torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_return_lse(backend):
     logits, target = make_inputs(7, 50, torch.float32, ignore=True)
