@@ -594,13 +594,18 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
         }
       }
     }
+    // The per-class factors of the targets, looked up first: a float64 gather inside the loop
+    // below keeps GCC 12 from vectorising it (the row math then runs one lane at a time).
+    alignas(64) A w_y[P], alpha_y[P];
+    for (int p = 0; p < P; ++p) {
+      w_y[p] = u ? static_cast<A>(u[y[p]]) : A(1);
+      alpha_y[p] = args.alpha ? static_cast<A>(args.alpha[y[p]]) : A(1);
+    }
     alignas(64) A ga[P], gc[P], gy[P], loss[P], lse[P];
 #pragma omp simd
     for (int p = 0; p < P; ++p) {
       const RowStats<A> st{max[p], sum[p], target_logit[p], weighted_sum[p], has_nan[p]};
-      const A w_y = u ? static_cast<A>(u[y[p]]) : A(1);
-      const A alpha_y = args.alpha ? static_cast<A>(args.alpha[y[p]]) : A(1);
-      const RowResult<A> r = row_result_of<kKind, LaneMath>(st, opt, w_y, alpha_y, W, args.slice.total);
+      const RowResult<A> r = row_result_of<kKind, LaneMath>(st, opt, w_y[p], alpha_y[p], W, args.slice.total);
       const bool on = active[p] != 0;
       ga[p] = on ? scale * r.a : A(0);
       gc[p] = on ? scale * r.c : A(0);
