@@ -193,10 +193,78 @@ def test_class_strided_inplace_backward(layout, loss, options):
     torch.testing.assert_close(x.detach(), expected_grad)  # the storage holds the gradient
 
 
+# Class-strided (B, K, S) logits go a block of positions along s at a time (1024 positions for
+# K = 19, 256 for K = 150, 32 for K = 2000): S at, below and above a block, a partial block in
+# each b, S = 2 and 3, and a K whose block is the minimum.
+BLOCK_EDGES = [(2, 19, 1024), (2, 19, 1023), (3, 19, 1025), (2, 19, 2049), (4, 3, 2), (3, 7, 3), (2, 150, 257),
+               (2, 150, 255), (2, 2000, 40)]
+
+
+@pytest.mark.parametrize("shape", BLOCK_EDGES, ids=lambda shape: "x".join(map(str, shape)))
+@pytest.mark.parametrize("loss,options", OPTIONS)
+def test_class_strided_block_edges_match_float64(shape, loss, options):
+    logits, target = inputs(shape, torch.float32, seed=shape[2])
+    weight = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    options = _options(options, shape[1])
+    rows, grad, _ = expected_rows_and_grad(loss, logits, target, weight, options)
+    value, actual = run(loss, logits, target, weight.float(), options)
+    assert_close(value, rows, torch.float32)
+    assert_close(actual, grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("loss,options", [OPTIONS[0], OPTIONS[3], OPTIONS[5]])
+def test_class_strided_other_dtypes(dtype, loss, options):
+    logits, target = inputs((2, 19, 1030), dtype, seed=7)
+    options = _options(options, 19)
+    rows, grad, _ = expected_rows_and_grad(loss, logits, target, None, options)
+    value, actual = run(loss, logits, target, None, options)
+    assert actual.dtype == dtype
+    assert_close(value, rows, dtype)
+    assert_close(actual, grad, dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 19, 1025), (2, 2000, 40)], ids=lambda shape: "x".join(map(str, shape)))
+@pytest.mark.parametrize("loss,options", [OPTIONS[2], OPTIONS[3], OPTIONS[5]])
+def test_class_strided_block_edges_inplace_backward(shape, loss, options):
+    logits, target = inputs(shape, torch.float32, seed=11)
+    options = _options(options, shape[1])
+    expected_value, expected_grad = run(loss, logits, target, None, options)
+    x = logits.clone().requires_grad_(True)
+    with ncfast.use_backend("cpp"):
+        value = PUBLIC[loss](x, target, reduction="none", inplace_backward=True, **options)
+    value.sum().backward()
+    torch.testing.assert_close(value.detach(), expected_value)
+    torch.testing.assert_close(x.grad, expected_grad)
+    torch.testing.assert_close(x.detach(), expected_grad)
+
+
+def test_class_strided_non_finite_and_ignored_positions():
+    """A NaN or +inf logit makes its own position's loss and gradient NaN, and no other's; an
+    ignored position has loss 0 and gradient 0 even with NaN logits."""
+    logits, target = inputs((2, 19, 1030), torch.float32, ignore=False, seed=3)
+    logits[0, 4, 7] = float("nan")
+    logits[1, 0, 1029] = float("inf")
+    logits[0, :, 900] = float("nan")
+    target[0, 900] = -100
+    value, grad = run("cross_entropy", logits, target, None, {})
+    bad = torch.zeros_like(target, dtype=torch.bool)
+    bad[0, 7] = bad[1, 1029] = True
+    assert torch.isnan(value[bad]).all() and torch.isnan(grad[0, :, 7]).all() and torch.isnan(grad[1, :, 1029]).all()
+    assert value[0, 900] == 0 and (grad[0, :, 900] == 0).all()
+    finite = ~bad
+    finite[0, 900] = False
+    rows, expected, _ = expected_rows_and_grad("cross_entropy", logits, target, None, {})
+    assert_close(value[finite], rows[finite], torch.float32)
+    assert_close(grad.movedim(1, -1)[finite], expected.movedim(1, -1)[finite], torch.float32)
+
+
 # ---------------------------------------------------------------------------- determinism
 THREAD_CASES = {
     "short_rows": ((20000, 10), {"label_smoothing": 0.1}),
     "class_strided": ((2, 19, 64, 64), {}),
+    # Blocks of 1024 positions with a partial one in each b, enough logits for two threads.
+    "class_strided_partial_blocks": ((3, 40, 1100), {"label_smoothing": 0.1}),
     "channels_last": ((2, 19, 64, 64), {"lse_square_scale": 1e-3}),
 }
 
