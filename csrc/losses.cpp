@@ -682,9 +682,14 @@ inline int64_t strided_block(int64_t K) {
   return block;
 }
 
+// The scratch vectors of the strided path lie kScratchSkew accumulators more than a block
+// apart: a block of 1024 fp32 is 4 KiB, and vectors 4 KiB apart make the core take each load
+// for one of the store just before it (4K aliasing), the whole block long.
+constexpr int64_t kScratchSkew = 16;
+
 // The per-thread scratch of the strided path, in accumulators: zt and the exponentials
-// (K·block each), ten per-position vectors and the targets (int32, one accumulator each).
-inline int64_t strided_scratch_size(int64_t K) { return (2 * K + 11) * strided_block(K); }
+// (K vectors each), ten per-position vectors and the targets (int32, one accumulator each).
+inline int64_t strided_scratch_size(int64_t K) { return (2 * K + 11) * (strided_block(K) + kScratchSkew); }
 
 template <int kKind, bool kCap, bool kColumnWeights, typename T>
 NCFAST_INLINE void loss_strided_impl(const LossArgs<T>& args, int64_t first_block, int64_t end_block,
@@ -699,14 +704,15 @@ NCFAST_INLINE void loss_strided_impl(const LossArgs<T>& args, int64_t first_bloc
   const A W = kColumnWeights ? static_cast<A>(args.total_class_weight) : static_cast<A>(args.slice.total);
   const A scale = static_cast<A>(args.grad_scale);
   const double* u = args.class_weight;
-  A* const zt = scratch;  // the (capped) logits, class-major
-  A* const ez = zt + K * P;  // exp(z - max)
-  A* const max = ez + K * P;
-  A *const sum = max + P, *const weighted_sum = sum + P, *const has_nan = weighted_sum + P;
-  A *const target_logit = has_nan + P, *const ga = target_logit + P, *const gc = ga + P, *const gy = gc + P;
-  A *const loss = gy + P, *const lse = loss + P;
+  const int64_t R = P + kScratchSkew;  // from one scratch vector to the next
+  A* const zt = scratch;  // the (capped) logits, class-major: class k at zt + k·R
+  A* const ez = zt + K * R;  // exp(z - max), the same way
+  A* const max = ez + K * R;
+  A *const sum = max + R, *const weighted_sum = sum + R, *const has_nan = weighted_sum + R;
+  A *const target_logit = has_nan + R, *const ga = target_logit + R, *const gc = ga + R, *const gy = gc + R;
+  A *const loss = gy + R, *const lse = loss + R;
   // The targets as int32 (K < 2^31 here): compared with k on as many lanes as the logits.
-  int32_t* const y = reinterpret_cast<int32_t*>(lse + P);
+  int32_t* const y = reinterpret_cast<int32_t*>(lse + R);
   const int64_t line_bytes = 64, run_bytes = P * static_cast<int64_t>(sizeof(T));
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t b = block / blocks_per_b, s0 = (block % blocks_per_b) * P, n = std::min(P, S - s0);
@@ -716,34 +722,43 @@ NCFAST_INLINE void loss_strided_impl(const LossArgs<T>& args, int64_t first_bloc
       const bool on = p < n && target != args.ignore_index;
       y[p] = on ? static_cast<int32_t>(target) : -1;  // -1: no gradient, no loss
     }
-    // The memory sweep: each class's run into zt, with the statistics that need no max.
+    // The memory sweep: each class's run into zt, with the statistics that need no max. A NaN
+    // logit of a softmax loss shows up in its position's Σ exp (NaN), found once per position
+    // after the exponentials; Σ_j z_j is summed only where label smoothing uses it.
     for (int64_t p = 0; p < P; ++p) {
       max[p] = kSoftmax ? -std::numeric_limits<A>::infinity() : A(0);
       sum[p] = weighted_sum[p] = has_nan[p] = 0;
     }
-    const bool contiguous = zl.inner == 1 && n == P;
-    for (int32_t k = 0; k < K; ++k) {
-      const T* zk = z + k * zl.classes;
-      A* ztk = zt + k * P;
-      const A uk = kColumnWeights ? static_cast<A>(u[k]) : A(1);
-      auto take = [&](int64_t p, A value) {
-        ztk[p] = value;
-        has_nan[p] = value != value ? A(1) : has_nan[p];
-        if constexpr (kSoftmax) {
-          max[p] = value > max[p] ? value : max[p];
-          weighted_sum[p] += uk * value;
-        } else {
-          sum[p] += k == y[p] ? A(0) : value * value;
-        }
-      };
-      if (contiguous) {
+    const bool contiguous = zl.inner == 1 && n == P, logit_sum = kSoftmax && opt.label_smoothing > 0;
+    auto memory_sweep = [&](auto with_logit_sum) {
+      for (int32_t k = 0; k < K; ++k) {
+        const T* zk = z + k * zl.classes;
+        A* ztk = zt + k * R;
+        const A uk = kColumnWeights ? static_cast<A>(u[k]) : A(1);
+        auto take = [&](int64_t p, A value) {
+          ztk[p] = value;
+          if constexpr (kSoftmax) {
+            max[p] = value > max[p] ? value : max[p];
+            if constexpr (decltype(with_logit_sum)::value) weighted_sum[p] += uk * value;
+          } else {
+            has_nan[p] = value != value ? A(1) : has_nan[p];
+            sum[p] += k == y[p] ? A(0) : value * value;
+          }
+        };
+        if (contiguous) {
 #pragma omp simd
-        for (int64_t p = 0; p < P; ++p) take(p, load_logit<kCap>(zk[p], cap, inv_cap));
-      } else {
-        for (int64_t p = 0; p < P; ++p) take(p, p < n ? load_logit<kCap>(zk[p * zl.inner], cap, inv_cap) : ztk[0]);
+          for (int64_t p = 0; p < P; ++p) take(p, load_logit<kCap>(zk[p], cap, inv_cap));
+        } else {
+          for (int64_t p = 0; p < P; ++p) take(p, p < n ? load_logit<kCap>(zk[p * zl.inner], cap, inv_cap) : ztk[0]);
+        }
       }
+    };
+    if (logit_sum) {
+      memory_sweep(std::true_type{});
+    } else {
+      memory_sweep(std::false_type{});
     }
-    for (int64_t p = 0; p < P; ++p) target_logit[p] = zt[(y[p] < 0 ? 0 : y[p]) * P + p];
+    for (int64_t p = 0; p < P; ++p) target_logit[p] = zt[(y[p] < 0 ? 0 : y[p]) * R + p];
     // The next block's runs into L2 while this one computes (prefetches never fault).
     const bool prefetch = block + 1 < end_block && zl.inner == 1;
     const T* next = prefetch ? args.logits + ((block + 1) / blocks_per_b) * zl.outer +
@@ -757,8 +772,8 @@ NCFAST_INLINE void loss_strided_impl(const LossArgs<T>& args, int64_t first_bloc
     if constexpr (kSoftmax) {
       for (int64_t k = 0; k < K; ++k) {
         prefetch_run(k);
-        const A* ztk = zt + k * P;
-        A* ezk = ez + k * P;
+        const A* ztk = zt + k * R;
+        A* ezk = ez + k * R;
 #pragma omp simd
         for (int64_t p = 0; p < P; ++p) {
           const A e = vexp(ztk[p] - max[p]);
@@ -766,6 +781,7 @@ NCFAST_INLINE void loss_strided_impl(const LossArgs<T>& args, int64_t first_bloc
           sum[p] += e;
         }
       }
+      for (int64_t p = 0; p < P; ++p) has_nan[p] = sum[p] != sum[p] ? A(1) : A(0);
     }
     // A tile of lanes at a time, on local copies: the form the vectoriser takes (on the scratch
     // vectors themselves it does not, for cross-entropy).
@@ -803,7 +819,7 @@ NCFAST_INLINE void loss_strided_impl(const LossArgs<T>& args, int64_t first_bloc
     T* g = args.grad + b * gl.outer + s0 * gl.inner;
     for (int32_t k = 0; k < K; ++k) {
       if constexpr (!kSoftmax) prefetch_run(k);
-      const A *ztk = zt + k * P, *vk = kSoftmax ? ez + k * P : ztk;
+      const A *ztk = zt + k * R, *vk = kSoftmax ? ez + k * R : ztk;
       const A uk = kColumnWeights ? static_cast<A>(u[k]) : A(1);
       auto value = [&](int64_t p) {
         const A gk = (ga[p] * vk[p] + gc[p] * uk) * cap_derivative<kCap>(ztk[p], inv_cap);
