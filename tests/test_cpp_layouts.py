@@ -72,29 +72,31 @@ def inputs(shape, dtype, ignore=True, seed=0):
     return logits, target
 
 
+def check_against_float64(loss, logits, target, options, weight=None):
+    """ncfast's per-sample losses and gradient (C++ backend) against the float64 reference, with
+    the tolerance of the logits' dtype; ``weight`` float64 (K,) or None."""
+    options = _options(options, logits.shape[1])
+    rows, grad, _ = expected_rows_and_grad(loss, logits, target, weight, options)
+    value, actual = run(loss, logits, target, None if weight is None else weight.float(), options)
+    assert actual.dtype == logits.dtype
+    assert_close(value, rows, logits.dtype)
+    assert_close(actual, grad, logits.dtype)
+
+
 # ---------------------------------------------------------------------------- short rows
 @pytest.mark.parametrize("k", [2, 3, 10, 31, 64, 100, 128, 129, 200, 300])
 @pytest.mark.parametrize("loss,options", OPTIONS)
 def test_short_rows_match_float64(k, loss, options):
     # 70 rows: two full tiles of 32 and a partial one.
     logits, target = inputs((70, k), torch.float32)
-    weight = torch.rand(k, dtype=torch.float64) + 0.5
-    options = _options(options, k)
-    rows, grad, _ = expected_rows_and_grad(loss, logits, target, weight, options)
-    value, actual = run(loss, logits, target, weight.float(), options)
-    assert_close(value, rows, torch.float32)
-    assert_close(actual, grad, torch.float32)
+    check_against_float64(loss, logits, target, options, torch.rand(k, dtype=torch.float64) + 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("loss,options", [OPTIONS[1], OPTIONS[3], OPTIONS[5]])
 def test_short_rows_other_dtypes(dtype, loss, options):
     logits, target = inputs((45, 12), dtype)
-    options = _options(options, 12)
-    rows, grad, _ = expected_rows_and_grad(loss, logits, target, None, options)
-    value, actual = run(loss, logits, target, None, options)
-    assert_close(value, rows, dtype)
-    assert_close(actual, grad, dtype)
+    check_against_float64(loss, logits, target, options)
 
 
 def test_short_rows_lse_and_masked_classes():
@@ -146,12 +148,7 @@ def test_class_strided_match_float64(k, layout, loss, options):
     logits, target = _layouts(k)[layout]
     if layout == "transposed_rows":
         target = torch.randint(0, k, (logits.shape[0],), generator=torch.Generator().manual_seed(5))
-    weight = torch.rand(k, dtype=torch.float64) + 0.5
-    options = _options(options, k)
-    rows, grad, _ = expected_rows_and_grad(loss, logits, target, weight, options)
-    value, actual = run(loss, logits, target, weight.float(), options)
-    assert_close(value, rows, torch.float32)
-    assert_close(actual, grad, torch.float32)
+    check_against_float64(loss, logits, target, options, torch.rand(k, dtype=torch.float64) + 0.5)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "tokens", "channels_last", "sliced"])
@@ -204,24 +201,14 @@ BLOCK_EDGES = [(2, 19, 1024), (2, 19, 1023), (3, 19, 1025), (2, 19, 2049), (4, 3
 @pytest.mark.parametrize("loss,options", OPTIONS)
 def test_class_strided_block_edges_match_float64(shape, loss, options):
     logits, target = inputs(shape, torch.float32, seed=shape[2])
-    weight = torch.rand(shape[1], dtype=torch.float64) + 0.5
-    options = _options(options, shape[1])
-    rows, grad, _ = expected_rows_and_grad(loss, logits, target, weight, options)
-    value, actual = run(loss, logits, target, weight.float(), options)
-    assert_close(value, rows, torch.float32)
-    assert_close(actual, grad, torch.float32)
+    check_against_float64(loss, logits, target, options, torch.rand(shape[1], dtype=torch.float64) + 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("loss,options", [OPTIONS[0], OPTIONS[3], OPTIONS[5]])
 def test_class_strided_other_dtypes(dtype, loss, options):
     logits, target = inputs((2, 19, 1030), dtype, seed=7)
-    options = _options(options, 19)
-    rows, grad, _ = expected_rows_and_grad(loss, logits, target, None, options)
-    value, actual = run(loss, logits, target, None, options)
-    assert actual.dtype == dtype
-    assert_close(value, rows, dtype)
-    assert_close(actual, grad, dtype)
+    check_against_float64(loss, logits, target, options)
 
 
 @pytest.mark.parametrize("shape", [(3, 19, 1025), (2, 2000, 40)], ids=lambda shape: "x".join(map(str, shape)))
