@@ -683,8 +683,8 @@ inline int64_t strided_block(int64_t K) {
 }
 
 // The scratch vectors of the strided path lie kScratchSkew accumulators more than a block
-// apart: a block of 1024 fp32 is 4 KiB, and vectors 4 KiB apart make the core take each load
-// for one of the store just before it (4K aliasing), the whole block long.
+// apart where a block is a multiple of 4 KiB (1024 fp32): vectors 4 KiB apart make the core
+// take each load for one of the store just before it (4K aliasing), the whole block long.
 constexpr int64_t kScratchSkew = 16;
 
 // The per-thread scratch of the strided path, in accumulators: zt and the exponentials
@@ -704,7 +704,8 @@ NCFAST_INLINE void loss_strided_impl(const LossArgs<T>& args, int64_t first_bloc
   const A W = kColumnWeights ? static_cast<A>(args.total_class_weight) : static_cast<A>(args.slice.total);
   const A scale = static_cast<A>(args.grad_scale);
   const double* u = args.class_weight;
-  const int64_t R = P + kScratchSkew;  // from one scratch vector to the next
+  // From one scratch vector to the next: skewed where a block is a multiple of 4 KiB.
+  const int64_t R = P * static_cast<int64_t>(sizeof(A)) % 4096 == 0 ? P + kScratchSkew : P;
   A* const zt = scratch;  // the (capped) logits, class-major: class k at zt + k·R
   A* const ez = zt + K * R;  // exp(z - max), the same way
   A* const max = ez + K * R;
