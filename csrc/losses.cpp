@@ -662,15 +662,15 @@ NCFAST_INLINE void loss_tiles(const LossArgs<T>& args, int64_t first_tile, int64
 // Positions of a class-strided (B, K, S) layout with S > 1 (NCHW segmentation, (B, V, T)
 // tokens), read in place: a block of `block` consecutive s of one b at a time, each class's run
 // of the block (block·sizeof(T) contiguous bytes, 1-4 KiB at small K) read once from memory
-// into a class-major scratch zt[k·block + p] in L2. One long run per class keeps few memory
-// streams open at a time (a tile of 32 positions opened K streams of 128 bytes each, too many
-// for the hardware prefetcher), and the next block's runs are prefetched into L2 while this
-// block's exponentials are computed. The statistics, row_result_of with the branch-free lane
-// math and the gradient then run along k over all positions of the block at once, on the
-// vector units; each class's gradient run is stored as one stretch (streaming stores of whole
-// cache lines). A partial block at the end of S repeats its first position in the padding lanes,
-// which are never stored: every position goes through the same vector code, and the blocks
-// depend only on (K, S), so the bits do not depend on the thread count.
+// into a class-major scratch zt[k·block + p] in L2, while the next block's runs are prefetched
+// into L2. The statistics, row_result_of with the branch-free lane math (on local copies of a
+// tile of lanes: the form GCC vectorises for every loss) and the gradient then run along k over
+// all positions of the block at once, on the vector units; each class's gradient run is stored
+// as one stretch (streaming stores of whole cache lines). A partial block at the end of S
+// repeats its first position in the padding lanes, which are never stored: every position goes
+// through the same vector code, and the blocks depend only on (K, S), so the bits do not depend
+// on the thread count. Kernel alone, fp32, one thread, against 32-position tiles: (8, 19, 256,
+// 256) cross-entropy 1.7x, focal 2.5x, MSE 1.2x faster; (4, 150, 128, 128) 1.2x, 1.3x, 1.1x.
 constexpr int64_t kMaxStridedBlock = 1024;
 // The block's logits (zt) and exponentials stay in L2: K·block ≤ 48K accumulators, 384 KiB.
 constexpr int64_t kStridedBlockLogits = 48 * 1024;
