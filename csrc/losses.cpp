@@ -664,13 +664,209 @@ NCFAST_INLINE void loss_tiles(const LossArgs<T>& args, int64_t first_tile, int64
   loss_tiles_impl<kCrossEntropy, false, false>(args, first_tile, end_tile, scratch);
 }
 
+// Positions of a class-strided (B, K, S) layout with S > 1 (NCHW segmentation, (B, V, T)
+// tokens), read in place: a block of `block` consecutive s of one b at a time, each class's run
+// of the block (block·sizeof(T) contiguous bytes, 1-4 KiB at small K) read once from memory
+// into a class-major scratch zt[k·block + p] in L2, while the next block's runs are prefetched
+// into L2. The statistics, row_result_of with the branch-free lane math (on local copies of a
+// tile of lanes: the form GCC vectorises for every loss) and the gradient then run along k over
+// all positions of the block at once, on the vector units; each class's gradient run is stored
+// as one stretch (streaming stores of whole cache lines). A partial block at the end of S
+// repeats its first position in the padding lanes, which are never stored: every position goes
+// through the same vector code, and the blocks depend only on (K, S), so the bits do not depend
+// on the thread count. Kernel alone, fp32, one thread, against 32-position tiles: (8, 19, 256,
+// 256) cross-entropy 1.7x, focal 2.5x, MSE 1.2x faster; (4, 150, 128, 128) 1.2x, 1.3x, 1.1x.
+constexpr int64_t kMaxStridedBlock = 1024;
+// The block's logits (zt) and exponentials stay in L2: K·block ≤ 48K accumulators, 384 KiB.
+constexpr int64_t kStridedBlockLogits = 48 * 1024;
+
+// The positions per block for K classes: a power of two in [kTile, kMaxStridedBlock].
+inline int64_t strided_block(int64_t K) {
+  int64_t block = kMaxStridedBlock;
+  while (block > kTile && K * block > kStridedBlockLogits) block /= 2;
+  return block;
+}
+
+// The scratch vectors of the strided path lie kScratchSkew accumulators more than a block
+// apart where a block is a multiple of 4 KiB (1024 fp32): vectors 4 KiB apart make the core
+// take each load for one of the store just before it (4K aliasing), the whole block long.
+constexpr int64_t kScratchSkew = 16;
+
+// The per-thread scratch of the strided path, in accumulators: zt and the exponentials
+// (K vectors each), ten per-position vectors and the targets (int32, one accumulator each).
+inline int64_t strided_scratch_size(int64_t K) { return (2 * K + 11) * (strided_block(K) + kScratchSkew); }
+
+template <int kKind, bool kCap, bool kColumnWeights, typename T>
+NCFAST_INLINE void loss_strided_impl(const LossArgs<T>& args, int64_t first_block, int64_t end_block,
+                                     typename acc_of<T>::type* scratch) {
+  using A = typename acc_of<T>::type;
+  constexpr bool kSoftmax = kKind != kRescaledMSE;
+  const LossOptions& opt = args.opt;
+  const int64_t K = args.slice.num_classes, S = args.inner, P = strided_block(K);
+  const int64_t blocks_per_b = (S + P - 1) / P;
+  const Layout &zl = args.logits_layout, &gl = args.grad_layout, &tl = args.target_layout;
+  const A cap = static_cast<A>(opt.softcap), inv_cap = kCap ? 1 / cap : A(0);
+  const A W = kColumnWeights ? static_cast<A>(args.total_class_weight) : static_cast<A>(args.slice.total);
+  const A scale = static_cast<A>(args.grad_scale);
+  const double* u = args.class_weight;
+  // From one scratch vector to the next: skewed where a block is a multiple of 4 KiB.
+  const int64_t R = P * static_cast<int64_t>(sizeof(A)) % 4096 == 0 ? P + kScratchSkew : P;
+  A* const zt = scratch;  // the (capped) logits, class-major: class k at zt + k·R
+  A* const ez = zt + K * R;  // exp(z - max), the same way
+  A* const max = ez + K * R;
+  A *const sum = max + R, *const weighted_sum = sum + R, *const has_nan = weighted_sum + R;
+  A *const target_logit = has_nan + R, *const ga = target_logit + R, *const gc = ga + R, *const gy = gc + R;
+  A *const loss = gy + R, *const lse = loss + R;
+  // The targets as int32 (K < 2^31 here): compared with k on as many lanes as the logits.
+  int32_t* const y = reinterpret_cast<int32_t*>(lse + R);
+  const int64_t line_bytes = 64, run_bytes = P * static_cast<int64_t>(sizeof(T));
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const int64_t b = block / blocks_per_b, s0 = (block % blocks_per_b) * P, n = std::min(P, S - s0);
+    const T* z = args.logits + b * zl.outer + s0 * zl.inner;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t target = args.target[b * tl.outer + (s0 + (p < n ? p : 0)) * tl.inner];
+      const bool on = p < n && target != args.ignore_index;
+      y[p] = on ? static_cast<int32_t>(target) : -1;  // -1: no gradient, no loss
+    }
+    // The memory sweep: each class's run into zt, with the statistics that need no max. A NaN
+    // logit of a softmax loss shows up in its position's Σ exp (NaN), found once per position
+    // after the exponentials; Σ_j z_j is summed only where label smoothing uses it.
+    for (int64_t p = 0; p < P; ++p) {
+      max[p] = kSoftmax ? -std::numeric_limits<A>::infinity() : A(0);
+      sum[p] = weighted_sum[p] = has_nan[p] = 0;
+    }
+    const bool contiguous = zl.inner == 1 && n == P, logit_sum = kSoftmax && opt.label_smoothing > 0;
+    auto memory_sweep = [&](auto with_logit_sum) {
+      for (int32_t k = 0; k < K; ++k) {
+        const T* zk = z + k * zl.classes;
+        A* ztk = zt + k * R;
+        const A uk = kColumnWeights ? static_cast<A>(u[k]) : A(1);
+        auto take = [&](int64_t p, A value) {
+          ztk[p] = value;
+          if constexpr (kSoftmax) {
+            max[p] = value > max[p] ? value : max[p];
+            if constexpr (decltype(with_logit_sum)::value) weighted_sum[p] += uk * value;
+          } else {
+            has_nan[p] = value != value ? A(1) : has_nan[p];
+            sum[p] += k == y[p] ? A(0) : value * value;
+          }
+        };
+        if (contiguous) {
+#pragma omp simd
+          for (int64_t p = 0; p < P; ++p) take(p, load_logit<kCap>(zk[p], cap, inv_cap));
+        } else {
+          for (int64_t p = 0; p < P; ++p) take(p, p < n ? load_logit<kCap>(zk[p * zl.inner], cap, inv_cap) : ztk[0]);
+        }
+      }
+    };
+    if (logit_sum) {
+      memory_sweep(std::true_type{});
+    } else {
+      memory_sweep(std::false_type{});
+    }
+    for (int64_t p = 0; p < P; ++p) target_logit[p] = zt[(y[p] < 0 ? 0 : y[p]) * R + p];
+    // The next block's runs into L2 while this one computes (prefetches never fault).
+    const bool prefetch = block + 1 < end_block && zl.inner == 1;
+    const T* next = prefetch ? args.logits + ((block + 1) / blocks_per_b) * zl.outer +
+                                   ((block + 1) % blocks_per_b) * P * zl.inner
+                             : nullptr;
+    auto prefetch_run = [&](int64_t k) {
+      if (!prefetch) return;
+      const char* run = reinterpret_cast<const char*>(next + k * zl.classes);
+      for (int64_t offset = 0; offset < run_bytes; offset += line_bytes) _mm_prefetch(run + offset, _MM_HINT_T1);
+    };
+    if constexpr (kSoftmax) {
+      for (int64_t k = 0; k < K; ++k) {
+        prefetch_run(k);
+        const A* ztk = zt + k * R;
+        A* ezk = ez + k * R;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) {
+          const A e = vexp(ztk[p] - max[p]);
+          ezk[p] = e;
+          sum[p] += e;
+        }
+      }
+      for (int64_t p = 0; p < P; ++p) has_nan[p] = sum[p] != sum[p] ? A(1) : A(0);
+    }
+    // A tile of lanes at a time, on local copies: the form the vectoriser takes (on the scratch
+    // vectors themselves it does not, for cross-entropy).
+    for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+      alignas(64) A st_max[kTile], st_sum[kTile], st_target[kTile], st_weighted[kTile], st_nan[kTile];
+      alignas(64) A w_y[kTile], alpha_y[kTile];
+      for (int q = 0; q < kTile; ++q) {
+        const int32_t yq = y[p0 + q] < 0 ? 0 : y[p0 + q];
+        w_y[q] = u ? static_cast<A>(u[yq]) : A(1);
+        alpha_y[q] = args.alpha ? static_cast<A>(args.alpha[yq]) : A(1);
+        st_max[q] = max[p0 + q], st_sum[q] = sum[p0 + q], st_target[q] = target_logit[p0 + q];
+        st_weighted[q] = weighted_sum[p0 + q], st_nan[q] = has_nan[p0 + q];
+      }
+      alignas(64) A rga[kTile], rgc[kTile], rgy[kTile], rloss[kTile], rlse[kTile];
+#pragma omp simd
+      for (int q = 0; q < kTile; ++q) {
+        const RowStats<A> st{st_max[q], st_sum[q], st_target[q], st_weighted[q], st_nan[q]};
+        const RowResult<A> r = row_result_of<kKind, LaneMath>(st, opt, w_y[q], alpha_y[q], W, args.slice.total);
+        rga[q] = scale * r.a;
+        rgc[q] = scale * r.c;
+        rgy[q] = scale * r.grad_target * cap_derivative<kCap>(st_target[q], inv_cap);
+        rloss[q] = r.loss;
+        rlse[q] = r.lse;
+      }
+      for (int q = 0; q < kTile; ++q) {
+        const bool on = y[p0 + q] >= 0;
+        ga[p0 + q] = on ? rga[q] : A(0);
+        gc[p0 + q] = on ? rgc[q] : A(0);
+        gy[p0 + q] = on ? rgy[q] : A(0);
+        loss[p0 + q] = on ? rloss[q] : A(0);
+        lse[p0 + q] = on ? rlse[q] : A(0);
+      }
+    }
+    // g = (a·v + c·u_k)·cap'(z), g_y = grad_target, 0 at ignored positions; one run per class.
+    T* g = args.grad + b * gl.outer + s0 * gl.inner;
+    for (int32_t k = 0; k < K; ++k) {
+      if constexpr (!kSoftmax) prefetch_run(k);
+      const A *ztk = zt + k * R, *vk = kSoftmax ? ez + k * R : ztk;
+      const A uk = kColumnWeights ? static_cast<A>(u[k]) : A(1);
+      auto value = [&](int64_t p) {
+        const A gk = (ga[p] * vk[p] + gc[p] * uk) * cap_derivative<kCap>(ztk[p], inv_cap);
+        return y[p] < 0 ? A(0) : (k == y[p] ? gy[p] : gk);
+      };
+      T* gk = g + k * gl.classes;
+      if (gl.inner == 1) {
+        write_lines<A>(gk, n, -1, A(0), value);
+      } else {
+        for (int64_t p = 0; p < n; ++p) gk[p * gl.inner] = from_acc<T>(value(p));
+      }
+    }
+    for (int64_t p = 0; p < n; ++p) {
+      args.row_loss[b * S + s0 + p] = loss[p];
+      if (args.row_lse) args.row_lse[b * S + s0 + p] = lse[p];
+    }
+  }
+}
+
+// Blocks [first_block, end_block) with the loss, softcap and per-column weights fixed at compile
+// time (softcap and label-smoothing weights are cross-entropy options).
+template <typename T>
+NCFAST_INLINE void loss_strided(const LossArgs<T>& args, int64_t first_block, int64_t end_block,
+                                typename acc_of<T>::type* scratch) {
+  const LossOptions& opt = args.opt;
+  if (opt.kind == kRescaledMSE) return loss_strided_impl<kRescaledMSE, false, false>(args, first_block, end_block, scratch);
+  if (opt.kind == kFocal) return loss_strided_impl<kFocal, false, false>(args, first_block, end_block, scratch);
+  const bool cap = opt.softcap > 0, column_weights = args.class_weight && opt.label_smoothing > 0;
+  if (cap && column_weights) return loss_strided_impl<kCrossEntropy, true, true>(args, first_block, end_block, scratch);
+  if (cap) return loss_strided_impl<kCrossEntropy, true, false>(args, first_block, end_block, scratch);
+  if (column_weights) return loss_strided_impl<kCrossEntropy, false, true>(args, first_block, end_block, scratch);
+  loss_strided_impl<kCrossEntropy, false, false>(args, first_block, end_block, scratch);
+}
+
 // One clone set per element type and phase (target_clones does not apply to templates).
 template <typename T>
 using RowsFn = void (*)(const LossArgs<T>&, int64_t, int64_t, typename acc_of<T>::type*);
 
 template <typename T>
 struct RowsFns {
-  RowsFn<T> fused, stats, from_stats, tiles;
+  RowsFn<T> fused, stats, from_stats, tiles, strided;
 };
 template <typename T>
 RowsFns<T> rows_fns();
@@ -689,9 +885,12 @@ RowsFns<T> rows_fns();
   NCFAST_CLONES void tiles_##SUFFIX(const LossArgs<T>& args, int64_t begin, int64_t end, A* s) {      \
     loss_tiles(args, begin, end, s);                                                              \
   }                                                                                               \
+  NCFAST_CLONES void strided_##SUFFIX(const LossArgs<T>& args, int64_t begin, int64_t end, A* s) {    \
+    loss_strided(args, begin, end, s);                                                            \
+  }                                                                                               \
   template <>                                                                                     \
   RowsFns<T> rows_fns<T>() {                                                                      \
-    return {fused_##SUFFIX, stats_##SUFFIX, from_stats_##SUFFIX, tiles_##SUFFIX};                 \
+    return {fused_##SUFFIX, stats_##SUFFIX, from_stats_##SUFFIX, tiles_##SUFFIX, strided_##SUFFIX}; \
   }
 NCFAST_LOSS_ROWS(f32, float, float)
 NCFAST_LOSS_ROWS(f64, double, double)
@@ -700,19 +899,23 @@ NCFAST_LOSS_ROWS(f16, f16, float)
 #undef NCFAST_LOSS_ROWS
 
 // Checks every target against [0, total) (out-of-range values are reported, never read
-// through) and returns Σ_i w_{y_i} over the positions that are not ignored.
+// through) and returns Σ_i w_{y_i} over the positions that are not ignored. The positions go
+// b by b, s by s: no division per position (one costs as much as a few logits' work).
 double check_targets(const int64_t* target, const Layout& layout, int64_t n, int64_t S, int64_t total,
                      int64_t ignore_index, const double* class_weight) {
   double sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t y = target[layout.at(i, S)];
-    if (y == ignore_index) continue;
-    if (y < 0 || y >= total) {
-      throw py::value_error("target: value " + std::to_string(y) + " at index " + std::to_string(i) +
-                            " is out of range [0, " + std::to_string(total) + ") and is not ignore_index=" +
-                            std::to_string(ignore_index));
+  for (int64_t b = 0, i = 0; i < n; ++b) {
+    const int64_t* row = target + b * layout.outer;
+    for (int64_t s = 0; s < S; ++s, ++i) {
+      const int64_t y = row[s * layout.inner];
+      if (y == ignore_index) continue;
+      if (y < 0 || y >= total) {
+        throw py::value_error("target: value " + std::to_string(y) + " at index " + std::to_string(i) +
+                              " is out of range [0, " + std::to_string(total) + ") and is not ignore_index=" +
+                              std::to_string(ignore_index));
+      }
+      sum += class_weight ? class_weight[y] : 1.0;
     }
-    sum += class_weight ? class_weight[y] : 1.0;
   }
   return sum;
 }
@@ -734,22 +937,26 @@ size_t itemsize_of(const std::string& dtype) {
   throw py::type_error("logits: unsupported dtype " + dtype);
 }
 
-// Runs `fn` over all rows (or all tiles of kTile positions), split evenly over the threads
-// (each position's result is independent of the split, so any thread count gives the same
-// bits). The threads' scratch (`scratch_size` accumulators each) is allocated here, before
-// the parallel region: a failed allocation raises MemoryError instead of aborting.
+// Runs `fn` over `items` work items (rows, tiles of kTile positions or blocks of a class-strided
+// layout), split evenly over the threads (each position's result is independent of the split, so
+// any thread count gives the same bits). The threads' scratch (`scratch_size` accumulators each,
+// 64-byte aligned) is allocated here, before the parallel region: a failed allocation raises
+// MemoryError instead of aborting.
 template <typename T>
-void run_rows(const LossArgs<T>& args, RowsFn<T> fn, bool tiles, int64_t scratch_size, int num_threads) {
+void run_rows(const LossArgs<T>& args, RowsFn<T> fn, int64_t items, int64_t scratch_size, int num_threads) {
   using A = typename acc_of<T>::type;
   const int64_t N = args.num_rows, K = args.slice.num_classes;
   if (N == 0 || K == 0) return;
-  const int64_t items = tiles ? (N + kTile - 1) / kTile : N;
   // Below ~64K logits a thread costs more than it saves.
   const int64_t work_threads = std::max<int64_t>(1, (N * K) / 65536);
   const int threads = static_cast<int>(std::min<int64_t>({thread_count(num_threads), work_threads, items}));
-  std::unique_ptr<A[]> scratch(scratch_size > 0 ? new A[scratch_size * threads] : nullptr);
+  constexpr int64_t kLine = 64 / sizeof(A);
+  const int64_t stride = (scratch_size + kLine - 1) / kLine * kLine;
+  std::unique_ptr<A[]> scratch(scratch_size > 0 ? new A[stride * threads + kLine] : nullptr);
+  A* aligned = scratch.get();
+  if (aligned) aligned += (kLine - reinterpret_cast<uintptr_t>(aligned) / sizeof(A) % kLine) % kLine;
   parallel_ranges(items, threads, [&](int64_t begin, int64_t end) {
-    fn(args, begin, end, scratch ? scratch.get() + scratch_size * thread_index() : nullptr);
+    fn(args, begin, end, aligned ? aligned + stride * thread_index() : nullptr);
     _mm_sfence();  // the streaming stores are visible before the caller reads the gradient
   });
 }
@@ -902,22 +1109,27 @@ double run_entry(Entry entry, const Call& call, const Buffers& buffers, bool mea
   const RowsFns<T> fns = rows_fns<T>();
   if (entry == Entry::forward) {
     // Rows with contiguous classes go one at a time when they are long enough to fill the
-    // vector units; short rows and class-strided layouts a tile of positions at a time.
+    // vector units, short rows a tile of rows at a time; class-strided (B, K, S) layouts a block
+    // of positions along s at a time.
     const bool rows = (args.logits_layout.classes == 1 && args.grad_layout.classes == 1) || K == 1;
-    if (!rows || K <= tile_max_classes(call.kind)) {
-      run_rows<T>(args, fns.tiles, true, 2 * K * kTile, num_threads);
+    if (!rows && args.inner > 1) {
+      const int64_t blocks = buffers.logits.B * ((args.inner + strided_block(K) - 1) / strided_block(K));
+      if (K > std::numeric_limits<int32_t>::max()) throw py::value_error("logits: more than 2^31 - 1 classes");
+      run_rows<T>(args, fns.strided, blocks, strided_scratch_size(K), num_threads);
+    } else if (!rows || K <= tile_max_classes(call.kind)) {
+      run_rows<T>(args, fns.tiles, (N + kTile - 1) / kTile, 2 * K * kTile, num_threads);
     } else {
       // exp(z - max) lives in a per-thread scratch row (cache-resident), not in the gradient
       // buffer, so that the gradient is written exactly once.
       const int64_t scratch = call.kind != kRescaledMSE ? K + (K + kRowBlock - 1) / kRowBlock : 0;
-      run_rows<T>(args, fns.fused, false, scratch, num_threads);
+      run_rows<T>(args, fns.fused, N, scratch, num_threads);
     }
     if (reduced) {
       const double sum = sum_rows(args.row_loss, N);
       *reduced = from_acc<T>(static_cast<A>(mean ? sum / total_weight : sum));
     }
   } else {
-    run_rows<T>(args, entry == Entry::stats ? fns.stats : fns.from_stats, false, 0, num_threads);
+    run_rows<T>(args, entry == Entry::stats ? fns.stats : fns.from_stats, N, 0, num_threads);
   }
   return total_weight;
 }

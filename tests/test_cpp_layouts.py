@@ -72,29 +72,31 @@ def inputs(shape, dtype, ignore=True, seed=0):
     return logits, target
 
 
+def check_against_float64(loss, logits, target, options, weight=None):
+    """ncfast's per-sample losses and gradient (C++ backend) against the float64 reference, with
+    the tolerance of the logits' dtype; ``weight`` float64 (K,) or None."""
+    options = _options(options, logits.shape[1])
+    rows, grad, _ = expected_rows_and_grad(loss, logits, target, weight, options)
+    value, actual = run(loss, logits, target, None if weight is None else weight.float(), options)
+    assert actual.dtype == logits.dtype
+    assert_close(value, rows, logits.dtype)
+    assert_close(actual, grad, logits.dtype)
+
+
 # ---------------------------------------------------------------------------- short rows
 @pytest.mark.parametrize("k", [2, 3, 10, 31, 64, 100, 128, 129, 200, 300])
 @pytest.mark.parametrize("loss,options", OPTIONS)
 def test_short_rows_match_float64(k, loss, options):
     # 70 rows: two full tiles of 32 and a partial one.
     logits, target = inputs((70, k), torch.float32)
-    weight = torch.rand(k, dtype=torch.float64) + 0.5
-    options = _options(options, k)
-    rows, grad, _ = expected_rows_and_grad(loss, logits, target, weight, options)
-    value, actual = run(loss, logits, target, weight.float(), options)
-    assert_close(value, rows, torch.float32)
-    assert_close(actual, grad, torch.float32)
+    check_against_float64(loss, logits, target, options, torch.rand(k, dtype=torch.float64) + 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("loss,options", [OPTIONS[1], OPTIONS[3], OPTIONS[5]])
 def test_short_rows_other_dtypes(dtype, loss, options):
     logits, target = inputs((45, 12), dtype)
-    options = _options(options, 12)
-    rows, grad, _ = expected_rows_and_grad(loss, logits, target, None, options)
-    value, actual = run(loss, logits, target, None, options)
-    assert_close(value, rows, dtype)
-    assert_close(actual, grad, dtype)
+    check_against_float64(loss, logits, target, options)
 
 
 def test_short_rows_lse_and_masked_classes():
@@ -146,12 +148,7 @@ def test_class_strided_match_float64(k, layout, loss, options):
     logits, target = _layouts(k)[layout]
     if layout == "transposed_rows":
         target = torch.randint(0, k, (logits.shape[0],), generator=torch.Generator().manual_seed(5))
-    weight = torch.rand(k, dtype=torch.float64) + 0.5
-    options = _options(options, k)
-    rows, grad, _ = expected_rows_and_grad(loss, logits, target, weight, options)
-    value, actual = run(loss, logits, target, weight.float(), options)
-    assert_close(value, rows, torch.float32)
-    assert_close(actual, grad, torch.float32)
+    check_against_float64(loss, logits, target, options, torch.rand(k, dtype=torch.float64) + 0.5)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "tokens", "channels_last", "sliced"])
@@ -193,10 +190,68 @@ def test_class_strided_inplace_backward(layout, loss, options):
     torch.testing.assert_close(x.detach(), expected_grad)  # the storage holds the gradient
 
 
+# Class-strided (B, K, S) logits go a block of positions along s at a time (1024 positions for
+# K = 19, 256 for K = 150, 32 for K = 2000): S at, below and above a block, a partial block in
+# each b, S = 2 and 3, and a K whose block is the minimum.
+BLOCK_EDGES = [(2, 19, 1024), (2, 19, 1023), (3, 19, 1025), (2, 19, 2049), (4, 3, 2), (3, 7, 3), (2, 150, 257),
+               (2, 150, 255), (2, 2000, 40)]
+
+
+@pytest.mark.parametrize("shape", BLOCK_EDGES, ids=lambda shape: "x".join(map(str, shape)))
+@pytest.mark.parametrize("loss,options", OPTIONS)
+def test_class_strided_block_edges_match_float64(shape, loss, options):
+    logits, target = inputs(shape, torch.float32, seed=shape[2])
+    check_against_float64(loss, logits, target, options, torch.rand(shape[1], dtype=torch.float64) + 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("loss,options", [OPTIONS[0], OPTIONS[3], OPTIONS[5]])
+def test_class_strided_other_dtypes(dtype, loss, options):
+    logits, target = inputs((2, 19, 1030), dtype, seed=7)
+    check_against_float64(loss, logits, target, options)
+
+
+@pytest.mark.parametrize("shape", [(3, 19, 1025), (2, 2000, 40)], ids=lambda shape: "x".join(map(str, shape)))
+@pytest.mark.parametrize("loss,options", [OPTIONS[2], OPTIONS[3], OPTIONS[5]])
+def test_class_strided_block_edges_inplace_backward(shape, loss, options):
+    logits, target = inputs(shape, torch.float32, seed=11)
+    options = _options(options, shape[1])
+    expected_value, expected_grad = run(loss, logits, target, None, options)
+    x = logits.clone().requires_grad_(True)
+    with ncfast.use_backend("cpp"):
+        value = PUBLIC[loss](x, target, reduction="none", inplace_backward=True, **options)
+    value.sum().backward()
+    torch.testing.assert_close(value.detach(), expected_value)
+    torch.testing.assert_close(x.grad, expected_grad)
+    torch.testing.assert_close(x.detach(), expected_grad)
+
+
+def test_class_strided_non_finite_and_ignored_positions():
+    """A NaN or +inf logit makes its own position's loss and gradient NaN, and no other's; an
+    ignored position has loss 0 and gradient 0 even with NaN logits."""
+    logits, target = inputs((2, 19, 1030), torch.float32, ignore=False, seed=3)
+    logits[0, 4, 7] = float("nan")
+    logits[1, 0, 1029] = float("inf")
+    logits[0, :, 900] = float("nan")
+    target[0, 900] = -100
+    value, grad = run("cross_entropy", logits, target, None, {})
+    bad = torch.zeros_like(target, dtype=torch.bool)
+    bad[0, 7] = bad[1, 1029] = True
+    assert torch.isnan(value[bad]).all() and torch.isnan(grad[0, :, 7]).all() and torch.isnan(grad[1, :, 1029]).all()
+    assert value[0, 900] == 0 and (grad[0, :, 900] == 0).all()
+    finite = ~bad
+    finite[0, 900] = False
+    rows, expected, _ = expected_rows_and_grad("cross_entropy", logits, target, None, {})
+    assert_close(value[finite], rows[finite], torch.float32)
+    assert_close(grad.movedim(1, -1)[finite], expected.movedim(1, -1)[finite], torch.float32)
+
+
 # ---------------------------------------------------------------------------- determinism
 THREAD_CASES = {
     "short_rows": ((20000, 10), {"label_smoothing": 0.1}),
     "class_strided": ((2, 19, 64, 64), {}),
+    # Blocks of 1024 positions with a partial one in each b, enough logits for two threads.
+    "class_strided_partial_blocks": ((3, 40, 1100), {"label_smoothing": 0.1}),
     "channels_last": ((2, 19, 64, 64), {"lse_square_scale": 1e-3}),
 }
 
