@@ -49,13 +49,14 @@ CHUNK_MEMORY_BYTES = 256 * 2**20
 
 #: Fewest rows per chunk at which the three GEMMs keep their speed. Every chunk streams all of
 #: W (K, d) twice and the dW accumulator (K, d) in and out, and the dW GEMM's inner dimension is
-#: the chunk's rows. With the logits and dH on oneDNN (fp32 CPU, about twice MKL's rate on AMD)
-#: the fused call at N = 4096, d = 256, K = 32000, against torch.mm's three bare GEMMs, measured
-#: on 2 cores shared with other jobs (medians of 7 interleaved rounds): 96 rows 1.38×, 128 rows
-#: 1.05×, 192 rows 1.06×, 256 rows 1.00×, 512 rows 0.91×. A 128-row chunk at K = 32000 fp32 is
-#: 16 MiB, against torch's chunked ``F.linear_cross_entropy``'s 64 rows (8 MiB) at 2.8-3.8× the
-#: GEMMs' time.
-GEMM_ROWS = 128
+#: the chunk's rows. With the logits and dH on oneDNN (fp32 CPU, about twice MKL's rate on AMD),
+#: the fused call against torch.mm's three bare GEMMs, measured on 2 cores shared with other
+#: jobs (medians of interleaved rounds; the load varied): at N = 8192, d = 256, K = 32000,
+#: 131 rows 1.34× and 1.35× (two runs), 192 rows 1.09×, 256 rows 1.03× (another run: 128 rows
+#: 1.56×, 256 rows 1.24×, 512 rows 0.82×).
+#: A 192-row chunk at K = 32000 fp32 is 23 MiB, about the three 64-row (8 MiB) buffers that
+#: torch's chunked ``F.linear_cross_entropy`` holds, which runs at 3.1-3.8× the GEMMs' time.
+GEMM_ROWS = 192
 
 
 def _last_level_cache_bytes(default: int = 32 * 2**20) -> int:
@@ -80,9 +81,9 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_memory
     at least :data:`GEMM_ROWS` (the GEMMs' efficiency), at most ``chunk_memory`` bytes of
     logits and at most ``num_rows``; at least one.
 
-    Short rows (small K) thus run in cache-sized chunks (with a 32 MiB cache: 131 rows at
-    K = 32000 fp32, 256 rows at K = 16384); very long rows in :data:`GEMM_ROWS`-row chunks, the
-    fewest at which the GEMMs keep their speed."""
+    Short rows (small K) thus run in cache-sized chunks (with a 32 MiB cache: 256 rows at
+    K = 16384 fp32); long rows in :data:`GEMM_ROWS`-row chunks (192 at K = 32000), the fewest
+    at which the GEMMs keep their speed."""
     per_row = max(num_classes * dtype.itemsize, 1)
     preferred = max(GEMM_ROWS, CACHED_CHUNK_BYTES // per_row)
     return max(1, min(num_rows, preferred, chunk_memory // per_row))
