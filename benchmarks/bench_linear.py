@@ -1,7 +1,9 @@
 """asv benchmarks of the fused linear + loss: forward + backward of
 ``ncfast.linear_cross_entropy`` against its floor (the three GEMMs alone: logits H Wᵀ,
-dH = G W, dW = Gᵀ H), torch eager (full logits, ``F.cross_entropy``) and torch's own chunked
-``F.linear_cross_entropy`` (``options=torch.nn.LinearCrossEntropyOptions()``).
+dH = G W, dW = Gᵀ H; on ``torch.mm`` as ``gemms``, and as ``gemms_onednn`` on oneDNN's fp32
+inner product, :func:`ncfast._matmul.mm_t`, which ncfast's fp32 CPU path uses), torch eager
+(full logits, ``F.cross_entropy``) and torch's own chunked ``F.linear_cross_entropy``
+(``options=torch.nn.LinearCrossEntropyOptions()``).
 
 CUDA cases run when a GPU is present and are skipped otherwise (``NotImplementedError`` in
 ``setup`` is asv's skip). Run: ``cd benchmarks && asv run --python=same --bench bench_linear``;
@@ -11,6 +13,7 @@ the acceptance table (time and peak memory in fresh processes) comes from
 import torch
 
 import ncfast
+from ncfast._matmul import mm, mm_t
 
 
 def _device(device):
@@ -27,7 +30,7 @@ def _sync(device):
 class LinearCrossEntropy:
     """fp32, N = 4096 rows of d = 256 features; K classes."""
 
-    params = (["ncfast", "gemms", "torch", "torch_chunked"], [4096, 32768], ["cpu", "cuda"])
+    params = (["ncfast", "gemms", "gemms_onednn", "torch", "torch_chunked"], [4096, 32768], ["cpu", "cuda"])
     param_names = ["implementation", "num_classes", "device"]
     timeout = 300
 
@@ -57,6 +60,12 @@ class LinearCrossEntropy:
         logits = h @ w.t()
         logits @ w
         logits.t() @ h
+
+    def _gemms_onednn(self):
+        h, w = self.features.detach(), self.weight.detach()
+        logits = mm_t(h, w)
+        mm(logits, w)
+        mm_t(logits.t(), h.t())
 
     def time_forward_backward(self, implementation, num_classes, device):
         self.run()

@@ -10,7 +10,11 @@ Peers, all fp32 with a bias: ``ncfast`` (its default chunking, or ``ncfast@R`` a
 chunk with ``--chunk-rows``), ``torch_chunked``, ``torch_eager`` (full logits, with
 ``--torch-eager``: several N×K buffers), and ``gemms``, the floor: logits H Wᵀ, dH = G W and
 dW = Gᵀ H into preallocated outputs, in blocks of at most 8192 rows (no loss, no bias, no
-allocation; the floor needs no N×K buffer, and at ≥ 8192 rows the blocking costs nothing).
+allocation; the floor needs no N×K buffer, and at ≥ 8192 rows the blocking costs nothing), on
+``torch.mm`` (MKL for fp32 CPU, its AVX2 code on AMD). ``gemms_onednn`` is the same three
+products on oneDNN's AVX-512 inner product (:func:`ncfast._matmul.mm_t`, which ncfast's fp32 CPU
+path uses for the logits and dH), the faster floor: it has no ``out=``, so each block's products
+are fresh tensors, dH is copied into place and dW summed with an add.
 
 Time: every round runs each peer once, back to back; a time is the median over rounds, a ratio
 the median over rounds of the ratio to the GEMMs within a round (a slow spell of a shared
@@ -66,6 +70,19 @@ def _peer(name, features, weight, bias, target):
                 torch.mm(z, weight, out=d_features[start:start + block])
                 d_weight.addmm_(z.t(), h)
         return gemms
+    if name == "gemms_onednn":
+        from ncfast._matmul import mm, mm_t
+
+        block = min(GEMM_BLOCK_ROWS, features.shape[0])
+        d_features, d_weight = torch.empty_like(features), torch.zeros_like(weight)
+
+        def gemms_onednn():
+            for start in range(0, features.shape[0], block):
+                h = features[start:start + block]
+                z = mm_t(h, weight)
+                d_features[start:start + block] = mm(z, weight)
+                d_weight.add_(mm_t(z.t(), h.t()))
+        return gemms_onednn
 
     def step():
         h, w, b = (t.detach().requires_grad_(True) for t in (features, weight, bias))
@@ -104,7 +121,7 @@ def _median(values):
 
 
 def measure(shape, peers, rounds):
-    """{peer: (median seconds, median ratio to the GEMMs, peak extra bytes)}."""
+    """{peer: (median seconds, median ratios to the GEMMs on torch.mm and on oneDNN, peak extra bytes)}."""
     rows, dim, classes = shape
     memory = {}
     for name in peers:
@@ -121,7 +138,8 @@ def measure(shape, peers, rounds):
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: (_median(t), _median([x / y for x, y in zip(t, times["gemms"])]), memory[name])
+    return {name: (_median(t), _median([x / y for x, y in zip(t, times["gemms"])]),
+                   _median([x / y for x, y in zip(t, times["gemms_onednn"])]), memory[name])
             for name, t in times.items()}
 
 
@@ -142,19 +160,20 @@ def main() -> None:
 
     print(f"fp32 with bias, forward + backward, {torch.get_num_threads()} threads, {args.rounds} rounds; "
           f"times are medians, ratios medians of per-round ratios\n")
-    print("| N × d × K | peer | rows per chunk | time | time / GEMMs | peak extra memory |")
-    print("|---|---|---|---|---|---|")
+    print("| N × d × K | peer | rows per chunk | time | time / GEMMs (torch.mm) | time / GEMMs (oneDNN) "
+          "| peak extra memory |")
+    print("|---|---|---|---|---|---|---|")
     for text in args.shapes:
         shape = tuple(map(int, text.split("x")))
         rows, _, classes = shape
-        peers = (["gemms", "ncfast", "torch_chunked"] + [f"ncfast@{r}" for r in args.chunk_rows]
+        peers = (["gemms", "gemms_onednn", "ncfast", "torch_chunked"] + [f"ncfast@{r}" for r in args.chunk_rows]
                  + (["torch_eager"] if args.torch_eager else []))
         default_chunk = linear.chunk_rows(rows, classes, torch.float32)
-        for name, (seconds, ratio, growth) in measure(shape, peers, args.rounds).items():
-            chunk = {"ncfast": default_chunk, "gemms": min(GEMM_BLOCK_ROWS, rows)}.get(
-                name, int(name.split("@")[1]) if "@" in name else "")
+        for name, (seconds, ratio, ratio_onednn, growth) in measure(shape, peers, args.rounds).items():
+            chunk = {"ncfast": default_chunk, "gemms": min(GEMM_BLOCK_ROWS, rows),
+                     "gemms_onednn": min(GEMM_BLOCK_ROWS, rows)}.get(name, int(name.split("@")[1]) if "@" in name else "")
             print(f"| {' × '.join(map(str, shape))} | {name.split('@')[0]} | {chunk} | {seconds:.3f} s | "
-                  f"{ratio:.3f} | {growth / 2**20:.0f} MiB |", flush=True)
+                  f"{ratio:.3f} | {ratio_onednn:.3f} | {growth / 2**20:.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

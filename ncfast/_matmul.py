@@ -9,6 +9,8 @@ autograd, an empty inner dimension) it is ``torch.mm``'s.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -29,8 +31,10 @@ def _one_unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 or x.stride(0) == 1 else x.contiguous()
 
 
-def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for a (M, D) and b (N, D); returns (M, N)."""
+def mm_t(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b.T (+ bias)`` for a (M, D), b (N, D) and bias (N,) or None; returns (M, N).
+    The bias is added by the product itself (oneDNN's epilogue, or ``torch.addmm``), not in
+    a pass of its own."""
     if (
         _ONEDNN_LINEAR is not None
         and a.dtype == torch.float32
@@ -41,10 +45,13 @@ def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         and b.dim() == 2
         and a.shape[1] > 0
         and a.shape[1] == b.shape[1]
-        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+        and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.shape == b.shape[:1]))
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, bias)))
     ):
-        return _ONEDNN_LINEAR(_one_unit_stride(a), _one_unit_stride(b), None, "none", [], "")
-    return a @ b.T
+        if bias is not None:
+            bias = bias.contiguous()
+        return _ONEDNN_LINEAR(_one_unit_stride(a), _one_unit_stride(b), bias, "none", [], "")
+    return a @ b.T if bias is None else torch.addmm(bias, a, b.T)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -5,21 +5,22 @@ The rows are processed in chunks of ``C`` rows, ``C`` chosen from the shapes and
 size (:func:`chunk_rows`: a cache-sized chunk, but enough rows for the GEMMs to run at full
 speed, and at most ``chunk_memory`` bytes). Per chunk ``c``:
 
-1. ``Z_c = [H_c | 1] [W | b]ᵀ`` — one GEMM into a reused (C, K) buffer (the bias rides in
-   an extra column, so it costs no pass of its own);
+1. ``Z_c = H_c Wᵀ + b`` — one GEMM, the bias added by its epilogue (oneDNN's inner product for
+   fp32 on CPU, :mod:`ncfast._matmul`; ``torch.addmm`` elsewhere);
 2. the fused loss kernel (``ncfast::fused_loss_``, C++ on CPU, Triton on CUDA) overwrites
    ``Z_c`` with ``G_c = ∂ℓ/∂Z_c`` and returns the per-row losses;
-3. ``dH_c = G_c W`` (GEMM into the output rows) and ``[dW | db] += G_cᵀ [H_c | 1]`` (one
-   GEMM, accumulated: db comes out of the extra column).
+3. ``dH_c = G_c W`` (oneDNN for fp32 on CPU), ``dW += G_cᵀ H_c`` (``addmm_``, accumulating in
+   place: oneDNN has no accumulating form) and ``db += Σ_rows G_c`` (one pass over the cached
+   chunk).
 
-Extra memory is one chunk (C·K) plus the gradients themselves (N·d + K·d + K). The work is
-the three GEMMs the unfused computation needs (6·N·K·d flops; with a bias, two of them run on d + 1
-rounded up to 16 columns)
-plus one read and one write of each chunk by the loss kernel.
+Extra memory is one chunk (C·K) plus the gradients themselves (N·d + K·d + K); no copy of W
+or H. The work is the three GEMMs the unfused computation needs (6·N·K·d flops) plus one read
+and one write of each chunk by the loss kernel and one read for db.
 
 Like Liger's and cut-cross-entropy's fused linear cross-entropy, the gradients are computed
 in the forward pass (where the chunk of logits exists anyway) and the backward pass only
-scales them by the incoming scalar gradient. For reduction="none" the incoming gradient is a
+scales them by the incoming scalar gradient (or, for the usual factor of exactly 1 on CPU, hands
+them over as they are, so that they become the ``.grad`` with no copy). For reduction="none" the incoming gradient is a
 vector u (one factor per row) and ``dW = Σ_i u_i G_iᵀ H_i`` cannot be formed before u is
 known, so the forward computes the losses only and the backward recomputes each chunk's
 logits and gradient, scales row i by u_i and runs the gradient GEMMs: 4 GEMMs instead of 3,
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from . import _checks, loss_autograd, loss_backends
 from ._dtypes import accumulation_dtype
+from ._matmul import mm, mm_t
 from .loss_reduction import mean_scale, total_weight
 from .loss_options import OPTIONS_SCHEMA, LossOptions, loss_options
 from .reference import losses as reference
@@ -45,16 +47,16 @@ from .reference import losses as reference
 #: Default ceiling on one chunk of logits, in bytes (per call; see ``chunk_memory``).
 CHUNK_MEMORY_BYTES = 256 * 2**20
 
-#: Fewest rows per chunk at which the three GEMMs run as fast as unchunked ones. Every chunk
-#: streams all of W (K, d) twice and the dW accumulator (K, d) in and out, and the dW GEMM's
-#: inner dimension is the chunk's rows; with fewer rows the BLAS kernels fall off. Measured
-#: (2 cores shared with other jobs, MKL, medians of interleaved rounds): the chunked GEMMs alone
-#: at d = 256, K = 32000 against 2048-row chunks: 64 rows 2.1×, 128 rows 1.47×, 256 rows 1.26×,
-#: 384 rows 1.12×, 512 rows 1.05×, 1024 rows 1.05×; the fused call at N = 65536, d = 256,
-#: K = 16384 against the bare GEMMs: 512 rows 1.26×, 1024 rows 1.11×, 4096 rows 1.11×. The
-#: price is memory: at K = 32000 fp32 a 1024-row chunk is 125 MiB, where torch's chunked
-#: ``F.linear_cross_entropy`` takes 64-row chunks (8 MiB) and runs 2.8× the GEMMs' time.
-GEMM_ROWS = 1024
+#: Fewest rows per chunk at which the three GEMMs keep their speed. Every chunk streams all of
+#: W (K, d) twice and the dW accumulator (K, d) in and out, and the dW GEMM's inner dimension is
+#: the chunk's rows. With the logits and dH on oneDNN (fp32 CPU, about twice MKL's rate on AMD),
+#: the fused call against torch.mm's three bare GEMMs, measured on 2 cores shared with other
+#: jobs (medians of interleaved rounds; the load varied): at N = 8192, d = 256, K = 32000,
+#: 131 rows 1.34× and 1.35× (two runs), 192 rows 1.09×, 256 rows 1.03× (another run: 128 rows
+#: 1.56×, 256 rows 1.24×, 512 rows 0.82×).
+#: A 192-row chunk at K = 32000 fp32 is 23 MiB, about the three 64-row (8 MiB) buffers that
+#: torch's chunked ``F.linear_cross_entropy`` holds, which runs at 3.1-3.8× the GEMMs' time.
+GEMM_ROWS = 192
 
 
 def _last_level_cache_bytes(default: int = 32 * 2**20) -> int:
@@ -79,8 +81,9 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_memory
     at least :data:`GEMM_ROWS` (the GEMMs' efficiency), at most ``chunk_memory`` bytes of
     logits and at most ``num_rows``; at least one.
 
-    Short rows (small K) thus run in cache-sized chunks; long rows in :data:`GEMM_ROWS`-row
-    chunks (at K = 32000 fp32, 125 MiB), the memory the GEMMs need to run at full speed."""
+    Short rows (small K) thus run in cache-sized chunks (with a 32 MiB cache: 256 rows at
+    K = 16384 fp32); long rows in :data:`GEMM_ROWS`-row chunks (192 at K = 32000), the fewest
+    at which the GEMMs keep their speed."""
     per_row = max(num_classes * dtype.itemsize, 1)
     preferred = max(GEMM_ROWS, CACHED_CHUNK_BYTES // per_row)
     return max(1, min(num_rows, preferred, chunk_memory // per_row))
@@ -89,72 +92,47 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_memory
 # --------------------------------------------------------------------------------------------
 # the chunked computation (device-agnostic: torch GEMMs + the dispatched loss op)
 # --------------------------------------------------------------------------------------------
-def _bias_width(dim: int) -> int:
-    """Columns of [H | 1] and [W | b]: d + 1 rounded up to 16 elements, so that every row
-    starts 64-byte aligned (an odd leading dimension slows the BLAS kernels down)."""
-    return (dim + 1 + 15) // 16 * 16
-
-
 def _chunked(features, weight, bias, target, class_weight, alpha, options, chunk,
              row_scale, grad_features, grad_weight, grad_bias):
     """Per-row losses (N,) in the accumulation dtype and the unscaled gradients
     Σ_i u_i ∂(w_{y_i} ℓ_i) (u = ``row_scale`` or 1); a gradient not asked for is (0,).
 
-    With a bias the GEMMs run on [H_c | 1] and [W | b]: the logits GEMM adds b, and the dW
-    GEMM yields db in its extra column, instead of two more passes over each chunk."""
-    num_rows, dim = features.shape
+    Per chunk: the logits (with the bias added by the GEMM) and dH on
+    :func:`~ncfast._matmul.mm_t` (oneDNN for fp32 on CPU), dW accumulated in place by
+    ``addmm_`` (oneDNN has no accumulating form: its product plus an add costs a (K, d)
+    temporary and a pass), db as the chunk's column sums. No copy of W or H is made."""
+    num_rows = features.shape[0]
     num_classes = weight.shape[0]
     dtype, device = features.dtype, features.device
     accumulate = accumulation_dtype(dtype)
     rows = torch.empty(num_rows, dtype=accumulate, device=device)
     chunk = max(1, min(chunk, num_rows))
-    logits = torch.empty((chunk, num_classes), dtype=dtype, device=device)
-    if bias is None:
-        weight_ext, features_ext = weight, None
-    else:
-        weight_ext = weight.new_zeros((num_classes, _bias_width(dim)))
-        weight_ext[:, :dim] = weight
-        weight_ext[:, dim] = bias
-        features_ext = features.new_zeros((chunk, weight_ext.shape[1]))
-        features_ext[:, dim] = 1
     # Distinct (0,) tensors: a custom op's outputs may not alias one another.
     d_features = torch.empty_like(features) if grad_features else features.new_empty((0,))
-    # [dW | db], or db alone for a frozen W. Low-precision ones are summed over the chunks in
-    # fp32 (each chunk's GEMM rounds once).
-    if grad_weight:
-        d_weight_ext = torch.zeros(weight_ext.shape, dtype=accumulate, device=device)
-    elif grad_bias:
-        d_bias = torch.zeros(num_classes, dtype=accumulate, device=device)
-        ones = features.new_ones(chunk)
+    # Low-precision dW and db are summed over the chunks in fp32 (each chunk's GEMM rounds once).
+    d_weight = torch.zeros(weight.shape, dtype=accumulate, device=device) if grad_weight else None
+    d_bias = torch.zeros(num_classes, dtype=accumulate, device=device) if grad_bias else None
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
         h = features[start:stop]
-        if features_ext is not None:
-            features_ext[: stop - start, :dim] = h
-            h = features_ext[: stop - start]
-        z = logits[: stop - start]
-        torch.mm(h, weight_ext.t(), out=z)
+        z = mm_t(h, weight, bias)
         value, _ = torch.ops.ncfast.fused_loss_(z, target[start:stop], class_weight, alpha,
                                                 *options._replace(reduction="none"))
         rows[start:stop] = value
         if row_scale is not None:
             z.mul_(row_scale[start:stop, None].to(dtype))
         if grad_features:
-            torch.mm(z, weight, out=d_features[start:stop])
+            d_features[start:stop] = mm(z, weight)
         if grad_weight and accumulate == dtype:
-            d_weight_ext.addmm_(z.t(), h)
+            d_weight.addmm_(z.t(), h)
         elif grad_weight:
-            d_weight_ext.add_(torch.mm(z.t(), h))
-        elif grad_bias:
-            d_bias.add_(torch.mv(z.t(), ones[: stop - start]))
-    # The chunk and [W | b] go before dW is copied out of [dW | db]: the peak stays at the loop's.
-    del logits, weight_ext, features_ext
-    d_weight = d_weight_ext[:, :dim].to(dtype).contiguous() if grad_weight else features.new_empty((0,))
-    if grad_bias:
-        # A copy: with K = 1 the column [:, dim] is "contiguous" and dW would alias db.
-        d_bias = features.new_empty((num_classes,)).copy_(d_weight_ext[:, dim] if grad_weight else d_bias)
-    else:
-        d_bias = features.new_empty((0,))
+            d_weight.add_(torch.mm(z.t(), h))
+        if grad_bias:
+            d_bias.add_(z.sum(0, dtype=accumulate))
+        # Before the next chunk's logits are allocated: one chunk alive at a time.
+        del z
+    d_weight = d_weight.to(dtype) if grad_weight else features.new_empty((0,))
+    d_bias = d_bias.to(dtype) if grad_bias else features.new_empty((0,))
     return rows, d_features, d_weight, d_bias
 
 
@@ -270,10 +248,14 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
         _, *grads = torch.ops.ncfast.fused_linear_loss(features, weight, bias, target, class_weight, alpha,
                                                        ctx.chunk, grad_loss, *computed, *ctx.options)
     else:
-        # A new tensor, not an in-place scaling: the graph may be run again (retain_graph). It
-        # is N·d + K·d elements, nothing next to the GEMMs, so there is no shortcut for 1.
+        # The usual loss.backward() passes exactly 1: the stored gradients are handed over as
+        # they are (no second (N, d) + (K, d) set; autograd takes them as .grad without a copy
+        # once the graph frees them). Any other factor makes new tensors, so that the graph can
+        # run again (retain_graph).
         computed = ctx.computed
-        grads = [grad * grad_loss for grad in stored]
+        # Only a plain tensor's value is read: traced backwards (fake, functional) take the product.
+        plain = type(grad_loss) is Tensor and grad_loss.device.type == "cpu" and loss_autograd.eager(grad_loss)
+        grads = stored if plain and float(grad_loss) == 1.0 else [grad * grad_loss for grad in stored]
     grads = tuple(grad if needed else None for grad, needed in zip(grads, computed))
     return grads + (None,) + _NO_GRADIENTS
 

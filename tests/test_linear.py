@@ -122,6 +122,39 @@ def test_chunk_size_does_not_change_the_result():
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_is_bit_identical_across_runs_and_retained_graphs(bias):
+    """The fp32 CPU path (oneDNN products, in-place dW accumulation, several chunks) gives the
+    same bits on every call; a second backward through a retained graph, after the first
+    handed its stored gradients over, gives the first one's gradients scaled exactly."""
+    features, weight, bias_, target = _problem(num_rows=300, dim=40, num_classes=97, dtype=torch.float32, bias=bias)
+    leaves = [t for t in (features, weight, bias_) if t is not None]
+
+    def run():
+        params = [t.detach().requires_grad_(True) for t in leaves]
+        value = ncfast.linear_cross_entropy(params[0], params[1], params[2] if bias else None, target,
+                                            chunk_memory=64 * 97 * 4)
+        return value, params
+
+    value, params = run()
+    value.backward(retain_graph=True)
+    first = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    (value * 2).backward()
+    for p, want in zip(params, first):
+        assert torch.equal(p.grad, want * 2)
+    again, params = run()
+    again.backward()
+    assert torch.equal(again, value)
+    for p, want in zip(params, first):
+        assert torch.equal(p.grad, want)
+    ref_leaves = [t.double().requires_grad_(True) for t in leaves]
+    ref = linear_loss(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None, target)
+    _assert_close([(value, ref)] + list(zip(first, torch.autograd.grad(ref, ref_leaves))),
+                  LINEAR_LOSS[torch.float32])
+
+
 @pytest.mark.parametrize("num_rows", [0, 6])
 def test_no_counted_row_gives_nan_loss_and_zero_gradient(num_rows):
     features, weight, bias, target = _problem(num_rows=num_rows)
@@ -136,8 +169,10 @@ def test_no_counted_row_gives_nan_loss_and_zero_gradient(num_rows):
 
 def test_chunk_rows_from_budget(monkeypatch):
     monkeypatch.setattr(linear, "CACHED_CHUNK_BYTES", 16 * 2**20)
-    # Long rows: the GEMMs' minimum, not a cache-sized chunk of 256 rows.
-    assert linear.chunk_rows(65536, 16384, torch.float32) == linear.GEMM_ROWS
+    # Long rows: a cache-sized chunk (16 MiB of 16384 fp32 logits) while that is GEMM_ROWS or more,
+    assert linear.chunk_rows(65536, 16384, torch.float32) == 16 * 2**20 // (16384 * 4)
+    # then the GEMMs' minimum (a chunk of 16 rows of 262144 logits would fill the cache).
+    assert linear.chunk_rows(65536, 262144, torch.float32) == linear.GEMM_ROWS
     # Short rows: a cache-sized chunk (16 MiB of 1000 fp32 logits), far more than GEMM_ROWS.
     assert linear.chunk_rows(10**6, 1000, torch.float32) == 16 * 2**20 // 4000
     assert linear.chunk_rows(10**6, 1000, torch.bfloat16) == 16 * 2**20 // 2000
@@ -145,7 +180,7 @@ def test_chunk_rows_from_budget(monkeypatch):
     assert linear.chunk_rows(10, 16384, torch.float32) == 10
     assert linear.chunk_rows(10, 16384, torch.float32, chunk_memory=1) == 1
     assert linear.chunk_rows(1000, 100, torch.bfloat16, chunk_memory=100 * 2 * 30) == 30
-    assert linear.chunk_rows(65536, 262144, torch.float32) == linear.CHUNK_MEMORY_BYTES // (262144 * 4)
+    assert linear.chunk_rows(65536, 2**22, torch.float32) == linear.CHUNK_MEMORY_BYTES // (2**22 * 4)
 
 
 def test_last_level_cache_size_is_read_or_defaulted():

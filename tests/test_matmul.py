@@ -47,3 +47,19 @@ def test_mm_t_is_deterministic_across_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(mm_t(a, b), first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mm_t_adds_the_bias(dtype):
+    g = torch.Generator().manual_seed(1)
+    a, b, bias = (torch.randn(*shape, generator=g).to(dtype) for shape in ((37, 19), (41, 19), (41,)))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    exact = a.double() @ b.double().T + bias.double()
+    for x in _layouts(a):
+        out = mm_t(x, b, bias)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
+    # A bias that needs autograd keeps it (torch's product).
+    leaf = bias.clone().requires_grad_(True)
+    mm_t(a, b, leaf).sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.full_like(bias, 37.0))
