@@ -521,8 +521,11 @@ NCFAST_INLINE void loss_rows(const LossArgs<T>& args, int64_t begin, int64_t end
 // Where tiles pay, measured (fp32, one thread, kernel time per logit, tile vs one row at a
 // time): cross-entropy K=2 12 vs 38 ns, K=10 2.2 vs 9.4, K=32 1.3 vs 2.5, K=64 1.36 vs 1.44,
 // K=128 1.11 vs 0.94; the MSE, whose rows cost less, K=10 0.99 vs 2.6, K=32 0.92 vs 0.78.
+// With the per-row math vectorised across the lanes (the class weight and alpha looked up
+// before the lane loop), cross-entropy forward + backward at (320000, 100), 2 threads: fp32
+// 15.7 vs 16.9 ms, bf16 14.0 vs 21.8, focal fp32 15.8 vs 19.9; at K=128 tiles lose (19.3 vs 17.5).
 constexpr int kTile = 32;
-inline int64_t tile_max_classes(int kind) { return kind == kRescaledMSE ? 16 : 64; }
+inline int64_t tile_max_classes(int kind) { return kind == kRescaledMSE ? 16 : 100; }
 
 template <int kKind, bool kCap, bool kColumnWeights, typename T>
 NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, int64_t end_tile,

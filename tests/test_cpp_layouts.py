@@ -84,7 +84,7 @@ def check_against_float64(loss, logits, target, options, weight=None):
 
 
 # ---------------------------------------------------------------------------- short rows
-@pytest.mark.parametrize("k", [2, 3, 10, 31, 64, 100, 128, 129, 200, 300])
+@pytest.mark.parametrize("k", [2, 3, 10, 31, 64, 65, 100, 101, 128, 129, 200, 300])
 @pytest.mark.parametrize("loss,options", OPTIONS)
 def test_short_rows_match_float64(k, loss, options):
     # 70 rows: two full tiles of 32 and a partial one.
