@@ -24,6 +24,9 @@ namespace ncfast {
 #define NCFAST_CLONES
 #endif
 #define NCFAST_INLINE inline __attribute__((always_inline))
+// A lambda inlined into its caller, so that it is compiled for the caller's target clone (on
+// its own it would be built for the baseline ISA).
+#define NCFAST_INLINE_LAMBDA __attribute__((always_inline))
 
 // Element types the kernels read and write. bf16 travels as raw 16-bit words (numpy has no
 // bfloat16), fp16 as _Float16.

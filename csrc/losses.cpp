@@ -652,19 +652,35 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
   }
 }
 
-// Tiles [first_tile, end_tile) with the loss, softcap and per-column weights fixed at compile
-// time (softcap and label-smoothing weights are cross-entropy options).
+// The loss, softcap and per-column weights of a call as compile-time constants, for the vector
+// paths (softcap and label-smoothing weights are cross-entropy options).
+template <int kKindValue, bool kCapValue, bool kColumnWeightsValue>
+struct LaneOptions {
+  static constexpr int kKind = kKindValue;
+  static constexpr bool kCap = kCapValue, kColumnWeights = kColumnWeightsValue;
+};
+
+// Calls body(LaneOptions<...>{}) with the options of args.opt.
+template <typename T, typename Body>
+NCFAST_INLINE void with_lane_options(const LossArgs<T>& args, Body&& body) {
+  const LossOptions& opt = args.opt;
+  if (opt.kind == kRescaledMSE) return body(LaneOptions<kRescaledMSE, false, false>{});
+  if (opt.kind == kFocal) return body(LaneOptions<kFocal, false, false>{});
+  const bool cap = opt.softcap > 0, column_weights = args.class_weight && opt.label_smoothing > 0;
+  if (cap && column_weights) return body(LaneOptions<kCrossEntropy, true, true>{});
+  if (cap) return body(LaneOptions<kCrossEntropy, true, false>{});
+  if (column_weights) return body(LaneOptions<kCrossEntropy, false, true>{});
+  body(LaneOptions<kCrossEntropy, false, false>{});
+}
+
+// Tiles [first_tile, end_tile).
 template <typename T>
 NCFAST_INLINE void loss_tiles(const LossArgs<T>& args, int64_t first_tile, int64_t end_tile,
                               typename acc_of<T>::type* scratch) {
-  const LossOptions& opt = args.opt;
-  if (opt.kind == kRescaledMSE) return loss_tiles_impl<kRescaledMSE, false, false>(args, first_tile, end_tile, scratch);
-  if (opt.kind == kFocal) return loss_tiles_impl<kFocal, false, false>(args, first_tile, end_tile, scratch);
-  const bool cap = opt.softcap > 0, column_weights = args.class_weight && opt.label_smoothing > 0;
-  if (cap && column_weights) return loss_tiles_impl<kCrossEntropy, true, true>(args, first_tile, end_tile, scratch);
-  if (cap) return loss_tiles_impl<kCrossEntropy, true, false>(args, first_tile, end_tile, scratch);
-  if (column_weights) return loss_tiles_impl<kCrossEntropy, false, true>(args, first_tile, end_tile, scratch);
-  loss_tiles_impl<kCrossEntropy, false, false>(args, first_tile, end_tile, scratch);
+  with_lane_options(args, [&](auto o) NCFAST_INLINE_LAMBDA {
+    using O = decltype(o);
+    loss_tiles_impl<O::kKind, O::kCap, O::kColumnWeights>(args, first_tile, end_tile, scratch);
+  });
 }
 
 // Positions of a class-strided (B, K, S) layout with S > 1 (NCHW segmentation, (B, V, T)
@@ -848,19 +864,14 @@ NCFAST_INLINE void loss_strided_impl(const LossArgs<T>& args, int64_t first_bloc
   }
 }
 
-// Blocks [first_block, end_block) with the loss, softcap and per-column weights fixed at compile
-// time (softcap and label-smoothing weights are cross-entropy options).
+// Blocks [first_block, end_block).
 template <typename T>
 NCFAST_INLINE void loss_strided(const LossArgs<T>& args, int64_t first_block, int64_t end_block,
                                 typename acc_of<T>::type* scratch) {
-  const LossOptions& opt = args.opt;
-  if (opt.kind == kRescaledMSE) return loss_strided_impl<kRescaledMSE, false, false>(args, first_block, end_block, scratch);
-  if (opt.kind == kFocal) return loss_strided_impl<kFocal, false, false>(args, first_block, end_block, scratch);
-  const bool cap = opt.softcap > 0, column_weights = args.class_weight && opt.label_smoothing > 0;
-  if (cap && column_weights) return loss_strided_impl<kCrossEntropy, true, true>(args, first_block, end_block, scratch);
-  if (cap) return loss_strided_impl<kCrossEntropy, true, false>(args, first_block, end_block, scratch);
-  if (column_weights) return loss_strided_impl<kCrossEntropy, false, true>(args, first_block, end_block, scratch);
-  loss_strided_impl<kCrossEntropy, false, false>(args, first_block, end_block, scratch);
+  with_lane_options(args, [&](auto o) NCFAST_INLINE_LAMBDA {
+    using O = decltype(o);
+    loss_strided_impl<O::kKind, O::kCap, O::kColumnWeights>(args, first_block, end_block, scratch);
+  });
 }
 
 // One clone set per element type and phase (target_clones does not apply to templates).
