@@ -253,9 +253,7 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
         # once the graph frees them). Any other factor makes new tensors, so that the graph can
         # run again (retain_graph).
         computed = ctx.computed
-        # Only a plain tensor's value is read: traced backwards (fake, functional) take the product.
-        plain = type(grad_loss) is Tensor and grad_loss.device.type == "cpu" and loss_autograd.eager(grad_loss)
-        grads = stored if plain and float(grad_loss) == 1.0 else [grad * grad_loss for grad in stored]
+        grads = stored if loss_autograd.is_exactly_one(grad_loss) else [grad * grad_loss for grad in stored]
     grads = tuple(grad if needed else None for grad, needed in zip(grads, computed))
     return grads + (None,) + _NO_GRADIENTS
 

@@ -35,6 +35,12 @@ def eager(logits: Tensor) -> bool:
     return not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(logits)
 
 
+def is_exactly_one(grad_loss: Tensor) -> bool:
+    """Whether an incoming gradient is the scalar 1 of the usual ``loss.backward()``, read only
+    from a plain CPU tensor outside tracing (fake and functional tensors have no value)."""
+    return type(grad_loss) is Tensor and grad_loss.is_cpu and eager(grad_loss) and float(grad_loss) == 1.0
+
+
 def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bool) -> Tensor:
     """grad · grad_loss. The usual ``loss.backward()`` passes exactly 1: then the stored
     gradient is returned as it is, with no pass over N×K (checked on plain CPU tensors only:
@@ -44,7 +50,7 @@ def _scale_gradient(grad: Tensor, grad_loss: Tensor, reduction: str, inplace: bo
     # "none": one factor per position, (N, 1) against (N, K), (B, 1, S) against (B, K, S).
     if reduction == "none":
         factor = grad_loss.reshape((grad.shape[0], 1) + grad.shape[2:])
-    elif grad_loss.is_cpu and eager(grad_loss) and float(grad_loss) == 1.0:
+    elif is_exactly_one(grad_loss):
         return grad
     else:
         factor = grad_loss
