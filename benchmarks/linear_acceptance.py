@@ -19,7 +19,8 @@ are fresh tensors, dH is copied into place and dW summed with an add.
 Time: every round runs each peer once, back to back; a time is the median over rounds, a ratio
 the median over rounds of the ratio to the GEMMs within a round (a slow spell of a shared
 machine weighs on both sides). Memory: each peer in a fresh process, growth = VmHWM after one
-forward + backward − VmRSS before it (code warmed up at a tiny shape, inputs allocated).
+forward + backward − VmRSS before it (code warmed up at a tiny shape, inputs allocated, the
+peak reset to the current RSS just before the call), the median over three processes.
 """
 
 from __future__ import annotations
@@ -34,16 +35,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from process_memory import reset_peak, status_bytes  # noqa: E402
+
 #: The floor's GEMMs run in blocks of at most this many rows (see the module docstring).
 GEMM_BLOCK_ROWS = 8192
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def _inputs(rows, dim, classes):
@@ -111,9 +107,10 @@ def child(name, rows, dim, classes):
     _peer(name, *_inputs(64, dim, classes))()  # loads the code
     inputs = _inputs(rows, dim, classes)
     run = _peer(name, *inputs)
-    before = _status("VmRSS")
+    reset_peak()
+    before = status_bytes("VmRSS")
     run()
-    print(json.dumps(_status("VmHWM") - before))
+    print(json.dumps(status_bytes("VmHWM") - before))
 
 
 def _median(values):
@@ -126,8 +123,9 @@ def measure(shape, peers, rounds):
     memory = {}
     for name in peers:
         command = [sys.executable, os.path.abspath(__file__), "--child", name, f"{rows}x{dim}x{classes}"]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        memory[name] = json.loads(out.splitlines()[-1])
+        peaks = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                 for _ in range(3)]
+        memory[name] = _median(peaks)
     inputs = _inputs(rows, dim, classes)
     runs = {name: _peer(name, *inputs) for name in peers}
     for run in runs.values():

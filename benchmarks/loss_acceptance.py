@@ -12,8 +12,8 @@ median over rounds of the ratio within a round, so that a slow spell of a shared
 (seconds long) weighs on both sides alike. torch.compile is compiled per shape and dtype
 (``dynamic=False``, a fresh compile cache for each). With ``--memory``, the peak extra memory
 of ncfast (and of ``inplace_backward=True``) is measured in fresh processes (VmHWM − VmRSS
-before the call, gradient by ``.backward()`` into ``.grad``, as a user gets it) and given in
-units of one logits buffer.
+before the call, the peak first reset to the current RSS; gradient by ``.backward()`` into
+``.grad``, as a user gets it) and given in units of one logits buffer.
 
     python benchmarks/loss_acceptance.py                        # the whole table (long)
     python benchmarks/loss_acceptance.py --shapes 4096x32000 8x19x256x256 --dtypes float32 \\
@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_losses import (DTYPES, LOSSES, PER_CALL_SHAPE, SHAPES, logits_copy,  # noqa: E402
                           loss_step, make_inputs, ncfast_loss, parse_shape)
+from process_memory import reset_peak, status_bytes  # noqa: E402
 
 PEERS = ["ncfast", "torch_eager", "torch_compile"]
 SHORT = {"cross_entropy": "CE", "focal": "focal γ=3", "rescaled_mse": "MSE κ=1 β=15"}
@@ -75,14 +76,6 @@ def measure_shape(shape, dtype, losses, rounds, calls=1):
     return times
 
 
-def _status_bytes(key):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def child_peak_memory(loss, implementation, shape, dtype):
     """In a fresh process: peak RSS growth of one forward + backward of an ncfast
     implementation, in logits buffers (``null`` where it rejects the layout). The leaf is made
@@ -93,13 +86,14 @@ def child_peak_memory(loss, implementation, shape, dtype):
     function(warm_logits.clone().requires_grad_(True), warm_target).backward()  # loads the code
     logits, target = make_inputs(shape, dtype)
     leaf = (logits.clone() if inplace else logits).requires_grad_(True)
-    before = _status_bytes("VmRSS")
+    reset_peak()
+    before = status_bytes("VmRSS")
     try:
         function(leaf, target).backward()
     except ValueError:  # an option this layout does not offer (in place on (N, K, d1, ...))
         print(json.dumps(None))
         return
-    growth = _status_bytes("VmHWM") - before
+    growth = status_bytes("VmHWM") - before
     print(json.dumps(growth / (logits.numel() * logits.element_size())))
 
 

@@ -15,6 +15,7 @@
 // process's slice, the caller combines the statistics over processes, and
 // `loss_from_stats` runs the other two, recomputing exp(z - max) from the global max.
 #include <emmintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <limits>
@@ -527,6 +528,17 @@ NCFAST_INLINE void loss_rows(const LossArgs<T>& args, int64_t begin, int64_t end
 constexpr int kTile = 32;
 inline int64_t tile_max_classes(int kind) { return kind == kRescaledMSE ? 16 : 100; }
 
+// factor[p] = vector[y[p]] for a tile's targets, 1 without a vector.
+template <typename A>
+NCFAST_INLINE void per_target_factor(const double* vector, const int64_t* y, A* factor) {
+  if (vector) {
+    for (int p = 0; p < kTile; ++p) factor[p] = static_cast<A>(vector[y[p]]);
+  } else {
+#pragma omp simd
+    for (int p = 0; p < kTile; ++p) factor[p] = A(1);
+  }
+}
+
 template <int kKind, bool kCap, bool kColumnWeights, typename T>
 NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, int64_t end_tile,
                                    typename acc_of<T>::type* scratch) {
@@ -548,16 +560,29 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
     const bool one_segment = S > 1 && i0 / S == (i0 + P - 1) / S;
     alignas(64) int64_t y[P];
     alignas(64) int active[P];
-    for (int p = 0; p < P; ++p) {
-      const int64_t target = args.target[tl.at(i0 + (p < n ? p : 0), S)];
-      active[p] = p < n && target != args.ignore_index;
-      y[p] = active[p] ? target : 0;
-    }
-    if (n == P && one_segment && zl.inner == 1) {
-      const T* z = args.logits + zl.at(i0, S);
-      for (int64_t k = 0; k < K; ++k) {
+    // The tile's targets: p·stride apart where the positions are consecutive in one b.
+    const int64_t* tile_target = args.target + tl.at(i0, S);
+    const int64_t target_stride = S == 1 ? tl.outer : tl.inner;
+    if (n == P && (S == 1 || one_segment)) {
 #pragma omp simd
-        for (int p = 0; p < P; ++p) zt[k * P + p] = load_logit<kCap>(z[k * zl.classes + p], cap, inv_cap);
+      for (int p = 0; p < P; ++p) y[p] = tile_target[p * target_stride];
+    } else {
+      for (int p = 0; p < P; ++p) y[p] = args.target[tl.at(i0 + (p < n ? p : 0), S)];
+    }
+#pragma omp simd
+    for (int p = 0; p < P; ++p) {
+      active[p] = p < n && y[p] != args.ignore_index;
+      y[p] = active[p] ? y[p] : 0;
+    }
+    if (n == P && (S == 1 || one_segment)) {
+      // Class by class across the tile's positions: zl.inner apart within one b, rows
+      // zl.outer apart (a strided load; one position's classes at a time costs a loop per row).
+      const T* z = args.logits + zl.at(i0, S);
+      const int64_t position_stride = S == 1 ? zl.outer : zl.inner;
+      for (int64_t k = 0; k < K; ++k) {
+        const T* zk = z + k * zl.classes;
+#pragma omp simd
+        for (int p = 0; p < P; ++p) zt[k * P + p] = load_logit<kCap>(zk[p * position_stride], cap, inv_cap);
       }
     } else {
       // Position by position, each read along its classes (one contiguous stretch for rows).
@@ -600,10 +625,8 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
     // The per-class factors of the targets, looked up first: a float64 gather inside the loop
     // below keeps GCC 12 from vectorising it (the row math then runs one lane at a time).
     alignas(64) A w_y[P], alpha_y[P];
-    for (int p = 0; p < P; ++p) {
-      w_y[p] = u ? static_cast<A>(u[y[p]]) : A(1);
-      alpha_y[p] = args.alpha ? static_cast<A>(args.alpha[y[p]]) : A(1);
-    }
+    per_target_factor(u, y, w_y);
+    per_target_factor(args.alpha, y, alpha_y);
     alignas(64) A ga[P], gc[P], gy[P], loss[P], lse[P];
 #pragma omp simd
     for (int p = 0; p < P; ++p) {
@@ -645,9 +668,12 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
         for (int64_t k = 0; k < K; ++k) g[k * gl.classes] = from_acc<T>(out[k * P + p]);
       }
     }
-    for (int p = 0; p < n; ++p) {
-      args.row_loss[i0 + p] = loss[p];
-      if (args.row_lse) args.row_lse[i0 + p] = lse[p];
+    A* row_loss = args.row_loss + i0;
+#pragma omp simd
+    for (int p = 0; p < n; ++p) row_loss[p] = loss[p];
+    if (A* row_lse = args.row_lse ? args.row_lse + i0 : nullptr) {
+#pragma omp simd
+      for (int p = 0; p < n; ++p) row_lse[p] = lse[p];
     }
   }
 }
@@ -914,24 +940,42 @@ NCFAST_LOSS_ROWS(f16, f16, float)
 
 // Checks every target against [0, total) (out-of-range values are reported, never read
 // through) and returns Σ_i w_{y_i} over the positions that are not ignored. The positions go
-// b by b, s by s: no division per position (one costs as much as a few logits' work).
+// b by b, s by s: no division per position (one costs as much as a few logits' work). Each run
+// of S positions is checked with a branch-free count (vectorised), and searched for the bad
+// value only when there is one; without class weights the sum is that count.
 double check_targets(const int64_t* target, const Layout& layout, int64_t n, int64_t S, int64_t total,
                      int64_t ignore_index, const double* class_weight) {
+  // (N,) targets: one run of N positions, `outer` apart.
+  const int64_t runs = S == 1 ? 1 : n / S, run_length = S == 1 ? n : S;
+  const int64_t run_stride = S == 1 ? 0 : layout.outer, stride = S == 1 ? layout.outer : layout.inner;
   double sum = 0;
-  for (int64_t b = 0, i = 0; i < n; ++b) {
-    const int64_t* row = target + b * layout.outer;
-    for (int64_t s = 0; s < S; ++s, ++i) {
-      const int64_t y = row[s * layout.inner];
-      if (y == ignore_index) continue;
-      if (y < 0 || y >= total) {
-        throw py::value_error("target: value " + std::to_string(y) + " at index " + std::to_string(i) +
+  int64_t count = 0;
+  for (int64_t b = 0; b < runs; ++b) {
+    const int64_t* run = target + b * run_stride;
+    int64_t bad = 0;
+#pragma omp simd reduction(+ : count, bad)
+    for (int64_t s = 0; s < run_length; ++s) {
+      const int64_t y = run[s * stride];
+      const bool ignored = y == ignore_index;
+      count += !ignored;
+      bad += !ignored && (y < 0 || y >= total);
+    }
+    for (int64_t s = 0; bad && s < run_length; ++s) {
+      const int64_t y = run[s * stride];
+      if (y != ignore_index && (y < 0 || y >= total)) {
+        throw py::value_error("target: value " + std::to_string(y) + " at index " + std::to_string(b * run_length + s) +
                               " is out of range [0, " + std::to_string(total) + ") and is not ignore_index=" +
                               std::to_string(ignore_index));
       }
-      sum += class_weight ? class_weight[y] : 1.0;
+    }
+    if (class_weight) {
+      for (int64_t s = 0; s < run_length; ++s) {
+        const int64_t y = run[s * stride];
+        if (y != ignore_index) sum += class_weight[y];
+      }
     }
   }
-  return sum;
+  return class_weight ? sum : static_cast<double>(count);
 }
 
 const double* optional_vector(const py::object& obj, const char* name, int64_t size) {
@@ -1095,6 +1139,25 @@ double sum_rows(const A* row_loss, int64_t n) {
   return sum;
 }
 
+// A fresh gradient buffer of kHugePageMinBytes or more is a mapping of its own (glibc maps
+// blocks of 32 MiB and more apart and unmaps them when freed), whose pages the kernel's stores
+// fault in 4 KiB at a time: at short rows that costs more than the loss itself (a 128 MB copy
+// into a fresh buffer took 40 ms, into a huge-page one 13 ms, on a 2-core KVM guest). Such a
+// buffer is given transparent huge pages where the system grants them on request (THP
+// "madvise" mode), as torch does for its own allocations with THP_MEM_ALLOC_ENABLE=1; only
+// the 2 MiB pages wholly inside it, and a refusal changes nothing.
+constexpr int64_t kHugePageMinBytes = int64_t(32) << 20;
+void advise_huge_pages(void* data, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
+  if (bytes >= kHugePageMinBytes && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data, (void)bytes;
+#endif
+}
+
 template <typename T>
 double run_entry(Entry entry, const Call& call, const Buffers& buffers, bool mean, double total_weight,
                  int num_threads) {
@@ -1122,6 +1185,12 @@ double run_entry(Entry entry, const Call& call, const Buffers& buffers, bool mea
   args.grad_scale = mean ? 1.0 / total_weight : 1.0;
   const RowsFns<T> fns = rows_fns<T>();
   if (entry == Entry::forward) {
+    // A dense gradient that is not the logits' own buffer (in place) is freshly allocated.
+    const Layout& gl = args.grad_layout;
+    const int64_t S = args.inner;
+    const bool dense = S == 1 ? gl.classes == 1 && gl.outer == K : gl.inner == 1 && gl.classes == S && gl.outer == K * S;
+    if (dense && static_cast<const void*>(args.grad) != static_cast<const void*>(args.logits))
+      advise_huge_pages(args.grad, N * K * static_cast<int64_t>(sizeof(T)));
     // Rows with contiguous classes go one at a time when they are long enough to fill the
     // vector units, short rows a tile of rows at a time; class-strided (B, K, S) layouts a block
     // of positions along s at a time.

@@ -112,6 +112,26 @@ def test_short_rows_lse_and_masked_classes():
     assert torch.isnan(value[3]) and torch.isfinite(value[4])
 
 
+@pytest.mark.parametrize("k", [2, 10, 100])
+@pytest.mark.parametrize("loss,options", OPTIONS)
+def test_short_rows_strided_rows_and_targets(k, loss, options):
+    """Rows further apart than K (a slice of wider logits) and every other target."""
+    wide, _ = inputs((70, k + 5), torch.float32, seed=5)
+    _, targets = inputs((140, k), torch.float32, seed=6)
+    logits, target = wide[:, 2:k + 2], targets[::2]
+    assert logits.stride() == (k + 5, 1) and target.stride() == (2,)
+    check_against_float64(loss, logits, target, options, torch.rand(k, dtype=torch.float64) + 0.5)
+
+
+def test_gradient_of_32_mib_and_more():
+    """A gradient buffer of 32 MiB or more (given transparent huge pages where the system grants
+    them) holds the same values: short rows, long rows and class-strided positions."""
+    for shape in [(840000, 10), (65, 130000), (2, 19, 480, 480)]:
+        logits, target = inputs(shape, torch.float32, seed=7)
+        assert logits.numel() * 4 >= 32 << 20
+        check_against_float64("cross_entropy", logits, target, {"label_smoothing": 0.1})
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (1, 5), (33, 1), (0, 3, 4, 4), (1, 1, 3, 3)])
 def test_edge_shapes(shape):
     logits, target = inputs(shape, torch.float32, ignore=False)

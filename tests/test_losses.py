@@ -419,6 +419,12 @@ def test_cpp_kernel_checks_targets_itself():
     with pytest.raises(ValueError, match="target: value 4 at index 1"):
         _C.loss_forward(logits.data_ptr(), 2, 4, 1, 4, 1, 0, target.data_ptr(), 1, 0, grad.data_ptr(), 4, 1, 0,
                         rows.data_ptr(), 0, 0, "float32", 0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0, 0, -100, True, 1)
+    # (B, K, S) = (2, 4, 3) class-strided: the position is reported as b·S + s.
+    strided, strided_target = torch.randn(2, 4, 3), torch.tensor([[0, 1, 2], [3, -100, -7]])
+    grad, rows = torch.empty(2, 4, 3), torch.empty(6)
+    with pytest.raises(ValueError, match="target: value -7 at index 5"):
+        _C.loss_forward(strided.data_ptr(), 2, 4, 3, 12, 3, 1, strided_target.data_ptr(), 3, 1, grad.data_ptr(), 12, 3,
+                        1, rows.data_ptr(), 0, 0, "float32", 0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0, 0, -100, True, 1)
     target = target.numpy()
     common = dict(dtype="float32", kind=0, label_smoothing=0.0, class_weight=None, ignore_index=-100)
     with pytest.raises(ValueError, match="target: value 4 at index 1"):
