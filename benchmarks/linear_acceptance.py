@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from process_memory import reset_peak, status_bytes  # noqa: E402
+from process_memory import child_env, reset_peak, status_bytes  # noqa: E402
 
 #: The floor's GEMMs run in blocks of at most this many rows (see the module docstring).
 GEMM_BLOCK_ROWS = 8192
@@ -123,8 +123,8 @@ def measure(shape, peers, rounds):
     memory = {}
     for name in peers:
         command = [sys.executable, os.path.abspath(__file__), "--child", name, f"{rows}x{dim}x{classes}"]
-        peaks = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-                 for _ in range(3)]
+        runs = [subprocess.run(command, check=True, capture_output=True, text=True, env=child_env()) for _ in range(3)]
+        peaks = [json.loads(run.stdout.splitlines()[-1]) for run in runs]
         memory[name] = _median(peaks)
     inputs = _inputs(rows, dim, classes)
     runs = {name: _peer(name, *inputs) for name in peers}

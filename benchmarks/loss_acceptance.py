@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_losses import (DTYPES, LOSSES, PER_CALL_SHAPE, SHAPES, logits_copy,  # noqa: E402
                           loss_step, make_inputs, ncfast_loss, parse_shape)
-from process_memory import reset_peak, status_bytes  # noqa: E402
+from process_memory import child_env, reset_peak, status_bytes  # noqa: E402
 
 PEERS = ["ncfast", "torch_eager", "torch_compile"]
 SHORT = {"cross_entropy": "CE", "focal": "focal γ=3", "rescaled_mse": "MSE κ=1 β=15"}
@@ -99,7 +99,7 @@ def child_peak_memory(loss, implementation, shape, dtype):
 
 def peak_memory(loss, implementation, shape, dtype):
     command = [sys.executable, os.path.abspath(__file__), "--child", loss, implementation, shape, dtype]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=child_env()).stdout
     return json.loads(out.splitlines()[-1])
 
 

@@ -49,14 +49,13 @@ CHUNK_MEMORY_BYTES = 256 * 2**20
 
 #: Fewest rows per chunk at which the three GEMMs keep their speed. Every chunk streams all of
 #: W (K, d) twice and the dW accumulator (K, d) in and out, and the dW GEMM's inner dimension is
-#: the chunk's rows. With the logits and dH on oneDNN (fp32 CPU, about twice MKL's rate on AMD),
-#: the fused call against torch.mm's three bare GEMMs, measured on 2 cores shared with other
-#: jobs (medians of interleaved rounds; the load varied): at N = 8192, d = 256, K = 32000,
-#: 131 rows 1.34× and 1.35× (two runs), 192 rows 1.09×, 256 rows 1.03× (another run: 128 rows
-#: 1.56×, 256 rows 1.24×, 512 rows 0.82×).
-#: A 192-row chunk at K = 32000 fp32 is 23 MiB, about the three 64-row (8 MiB) buffers that
-#: torch's chunked ``F.linear_cross_entropy`` holds, which runs at 3.1-3.8× the GEMMs' time.
-GEMM_ROWS = 192
+#: the chunk's rows. With the logits and dH on oneDNN, the fused call against torch.mm's three
+#: bare GEMMs at N = 8192, d = 256, K = 32000 (medians of interleaved rounds, 2 cores): on a
+#: Zen 4 (quiet) 64 rows 1.23×, 128 rows 1.00×, 192 rows 0.98×; on a Zen 5 shared with other
+#: jobs 131 rows 1.34×, 192 rows 1.09×, 256 rows 1.03×. At 128 rows (16 MiB of logits at
+#: K = 32000 fp32) the peak extra memory stays below that of torch's chunked
+#: ``F.linear_cross_entropy`` (Zen 4: 32 MiB against 66 MiB; 192 rows took 79 MiB).
+GEMM_ROWS = 128
 
 
 def _last_level_cache_bytes(default: int = 32 * 2**20) -> int:
@@ -76,16 +75,22 @@ def _last_level_cache_bytes(default: int = 32 * 2**20) -> int:
 CACHED_CHUNK_BYTES = _last_level_cache_bytes() // 2
 
 
+#: A cache-sized chunk is rounded down to a multiple of this many rows, a whole number of the
+#: GEMMs' register blocks (131 rows at K = 32000 ran 1.10× the bare GEMMs where 128 ran 1.00×).
+CHUNK_ROW_MULTIPLE = 32
+
+
 def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_memory: int = CHUNK_MEMORY_BYTES) -> int:
-    """Rows per chunk: as many as fill half the last-level cache with (rows, K) logits, but
-    at least :data:`GEMM_ROWS` (the GEMMs' efficiency), at most ``chunk_memory`` bytes of
-    logits and at most ``num_rows``; at least one.
+    """Rows per chunk: as many as fill half the last-level cache with (rows, K) logits (a
+    multiple of :data:`CHUNK_ROW_MULTIPLE`), but at least :data:`GEMM_ROWS` (the GEMMs'
+    efficiency), at most ``chunk_memory`` bytes of logits and at most ``num_rows``; at least one.
 
     Short rows (small K) thus run in cache-sized chunks (with a 32 MiB cache: 256 rows at
-    K = 16384 fp32); long rows in :data:`GEMM_ROWS`-row chunks (192 at K = 32000), the fewest
+    K = 16384 fp32, 128 at K = 32000); long rows in :data:`GEMM_ROWS`-row chunks, the fewest
     at which the GEMMs keep their speed."""
     per_row = max(num_classes * dtype.itemsize, 1)
-    preferred = max(GEMM_ROWS, CACHED_CHUNK_BYTES // per_row)
+    cached = CACHED_CHUNK_BYTES // per_row
+    preferred = max(GEMM_ROWS, cached - cached % CHUNK_ROW_MULTIPLE)
     return max(1, min(num_rows, preferred, chunk_memory // per_row))
 
 

@@ -173,9 +173,9 @@ def test_chunk_rows_from_budget(monkeypatch):
     assert linear.chunk_rows(65536, 16384, torch.float32) == 16 * 2**20 // (16384 * 4)
     # then the GEMMs' minimum (a chunk of 16 rows of 262144 logits would fill the cache).
     assert linear.chunk_rows(65536, 262144, torch.float32) == linear.GEMM_ROWS
-    # Short rows: a cache-sized chunk (16 MiB of 1000 fp32 logits), far more than GEMM_ROWS.
-    assert linear.chunk_rows(10**6, 1000, torch.float32) == 16 * 2**20 // 4000
-    assert linear.chunk_rows(10**6, 1000, torch.bfloat16) == 16 * 2**20 // 2000
+    # Short rows: a cache-sized chunk (16 MiB of 1000 fp32 logits, in whole multiples of 32 rows).
+    assert linear.chunk_rows(10**6, 1000, torch.float32) == 16 * 2**20 // 4000 // 32 * 32 == 4192
+    assert linear.chunk_rows(10**6, 1000, torch.bfloat16) == 16 * 2**20 // 2000 // 32 * 32
     # Never more rows than there are, never more bytes than chunk_memory, at least one row.
     assert linear.chunk_rows(10, 16384, torch.float32) == 10
     assert linear.chunk_rows(10, 16384, torch.float32, chunk_memory=1) == 1
