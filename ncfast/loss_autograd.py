@@ -204,4 +204,6 @@ class InplaceFusedLoss(torch.autograd.Function):
         if grad_loss is None:
             return (None,) + _NO_GRADIENTS
         (grad,) = ctx.saved_tensors
-        return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=True),) + _NO_GRADIENTS
+        # A new tensor over the logits' storage: the saved one is the logits tensor itself, which the
+        # caller holds, so autograd would copy it into .grad (N×K more memory) instead of taking it.
+        return (_scale_gradient(grad, grad_loss, ctx.reduction, inplace=True).detach(),) + _NO_GRADIENTS

@@ -298,6 +298,7 @@ def test_inplace_backward(backend, loss, reduction):
     torch.testing.assert_close(value.detach(), expected)
     torch.testing.assert_close(x.grad, expected_grad)
     torch.testing.assert_close(x.detach(), expected_grad)  # the storage holds the gradient
+    assert x.grad.data_ptr() == x.data_ptr()  # and .grad is that storage, not a copy of it
 
 
 def test_inplace_backward_refuses_to_corrupt_saved_tensors():
