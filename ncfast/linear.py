@@ -51,10 +51,10 @@ CHUNK_MEMORY_BYTES = 256 * 2**20
 #: W (K, d) twice and the dW accumulator (K, d) in and out, and the dW GEMM's inner dimension is
 #: the chunk's rows. With the logits and dH on oneDNN, the fused call against torch.mm's three
 #: bare GEMMs at N = 8192, d = 256, K = 32000 (medians of interleaved rounds, 2 cores): on a
-#: Zen 4 (quiet) 64 rows 1.23×, 128 rows 1.00×, 192 rows 0.98×; on a Zen 5 shared with other
-#: jobs 131 rows 1.34×, 192 rows 1.09×, 256 rows 1.03×. At 128 rows (16 MiB of logits at
-#: K = 32000 fp32) the peak extra memory stays below that of torch's chunked
-#: ``F.linear_cross_entropy`` (Zen 4: 32 MiB against 66 MiB; 192 rows took 79 MiB).
+#: Zen 4 (quiet) 64 rows 1.23×, 128 rows 1.00-1.14× (three runs), 192 rows 0.98×; on a Zen 5
+#: shared with other jobs 131 rows 1.34×, 192 rows 1.09×, 256 rows 1.03×. At 128 rows (16 MiB
+#: of logits at K = 32000 fp32) the peak extra memory is below that of torch's chunked
+#: ``F.linear_cross_entropy`` (Zen 4: 57 MiB against 85 MiB; at 192 rows ncfast's was above).
 GEMM_ROWS = 128
 
 
