@@ -945,6 +945,7 @@ NCFAST_LOSS_ROWS(f16, f16, float)
 // value only when there is one; without class weights the sum is that count.
 double check_targets(const int64_t* target, const Layout& layout, int64_t n, int64_t S, int64_t total,
                      int64_t ignore_index, const double* class_weight) {
+  if (n == 0) return 0;  // also S = 0, which has no runs to divide into
   // (N,) targets: one run of N positions, `outer` apart.
   const int64_t runs = S == 1 ? 1 : n / S, run_length = S == 1 ? n : S;
   const int64_t run_stride = S == 1 ? 0 : layout.outer, stride = S == 1 ? layout.outer : layout.inner;

@@ -132,7 +132,7 @@ def test_gradient_of_32_mib_and_more():
         check_against_float64("cross_entropy", logits, target, {"label_smoothing": 0.1})
 
 
-@pytest.mark.parametrize("shape", [(0, 5), (1, 5), (33, 1), (0, 3, 4, 4), (1, 1, 3, 3)])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 5), (33, 1), (0, 3, 4, 4), (1, 1, 3, 3), (2, 5, 0), (2, 3, 0, 4)])
 def test_edge_shapes(shape):
     logits, target = inputs(shape, torch.float32, ignore=False)
     for loss, options in OPTIONS:
