@@ -558,12 +558,14 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
     const int64_t i0 = tile * P, n = std::min<int64_t>(P, positions - i0);
     // A full tile inside one b, contiguous along s: loads and stores are plain vector moves.
     const bool one_segment = S > 1 && i0 / S == (i0 + P - 1) / S;
+    // A full tile of rows, or of positions within one b: position p lies p·stride from the first.
+    const bool evenly_spaced = n == P && (S == 1 || one_segment);
     alignas(64) int64_t y[P];
     alignas(64) int active[P];
     // The tile's targets: p·stride apart where the positions are consecutive in one b.
     const int64_t* tile_target = args.target + tl.at(i0, S);
     const int64_t target_stride = S == 1 ? tl.outer : tl.inner;
-    if (n == P && (S == 1 || one_segment)) {
+    if (evenly_spaced) {
 #pragma omp simd
       for (int p = 0; p < P; ++p) y[p] = tile_target[p * target_stride];
     } else {
@@ -574,7 +576,7 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
       active[p] = p < n && y[p] != args.ignore_index;
       y[p] = active[p] ? y[p] : 0;
     }
-    if (n == P && (S == 1 || one_segment)) {
+    if (evenly_spaced) {
       // Class by class across the tile's positions: zl.inner apart within one b, rows
       // zl.outer apart (a strided load; one position's classes at a time costs a loop per row).
       const T* z = args.logits + zl.at(i0, S);
