@@ -92,10 +92,11 @@ def test_short_rows_match_float64(k, loss, options):
     check_against_float64(loss, logits, target, options, torch.rand(k, dtype=torch.float64) + 0.5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("k", [12, 37])  # 37: two blocks of 16 classes transposed in registers, and 5 more
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("loss,options", [OPTIONS[1], OPTIONS[3], OPTIONS[5]])
-def test_short_rows_other_dtypes(dtype, loss, options):
-    logits, target = inputs((45, 12), dtype)
+def test_short_rows_other_dtypes(k, dtype, loss, options):
+    logits, target = inputs((45, k), dtype)
     check_against_float64(loss, logits, target, options)
 
 

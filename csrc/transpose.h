@@ -1,0 +1,119 @@
+// Transpositions between a tile of short rows and its class-major block, 16 rows × 16 classes
+// at a time through AVX-512 registers (four rounds of lane shuffles). One element at a time
+// each logit costs a load and a store that the core issues one or two a cycle; in registers a
+// 16 × 16 block costs 16 loads, 64 shuffles and 16 stores. Pure data movement: the block holds
+// the same bits either way. Without AVX-512 the functions do nothing and return 0.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12 flags the intrinsics' own undefined-vector placeholders as maybe uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define NCFAST_HAS_TRANSPOSE 1
+#define NCFAST_AVX512 __attribute__((target("avx512f")))
+#endif
+
+namespace ncfast {
+
+#ifdef NCFAST_HAS_TRANSPOSE
+namespace avx512 {
+
+// 16 consecutive elements as fp32.
+NCFAST_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+NCFAST_AVX512 inline __m512 load16(const bf16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+NCFAST_AVX512 inline __m512 load16(const f16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// r[i][j] becomes r[j][i].
+NCFAST_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved by element
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // then by pairs of elements
+    for (int j = 0; j < 2; ++j) {
+      const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
+      r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  }
+  for (int base = 0; base < 16; base += 8) {  // then by 128-bit lanes
+    for (int j = 0; j < 4; ++j) {
+      t[base + j] = _mm512_shuffle_f32x4(r[base + j], r[base + j + 4], 0x88);
+      t[base + j + 4] = _mm512_shuffle_f32x4(r[base + j], r[base + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+template <typename T>
+NCFAST_AVX512 int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_t P, float* zt) {
+  const int64_t classes = K / 16 * 16;
+  for (int64_t p0 = 0; p0 < P; p0 += 16) {
+    for (int64_t k0 = 0; k0 < classes; k0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = load16(z + (p0 + i) * row_stride + k0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(zt + (k0 + i) * P + p0, r[i]);
+    }
+  }
+  return classes;
+}
+
+NCFAST_AVX512 inline int64_t classes_to_rows(const float* block, int64_t P, int64_t K, float* rows) {
+  const int64_t classes = K / 16 * 16;
+  for (int64_t p0 = 0; p0 < P; p0 += 16) {
+    for (int64_t k0 = 0; k0 < classes; k0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(block + (k0 + i) * P + p0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(rows + (p0 + i) * K + k0, r[i]);
+    }
+  }
+  return classes;
+}
+
+}  // namespace avx512
+
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#endif
+
+// zt[k·P + p] = z[p·row_stride + k] (as fp32) for p < P (a multiple of 16) and k below the
+// returned count, K rounded down to a multiple of 16; the remaining classes are the caller's.
+template <typename T>
+inline int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_t P, float* zt) {
+#ifdef NCFAST_HAS_TRANSPOSE
+  if constexpr (!std::is_same_v<T, double>) {
+    if (has_avx512()) return avx512::rows_to_classes(z, row_stride, K, P, zt);
+  }
+#endif
+  return 0;
+}
+
+// The way back: rows[p·K + k] = block[k·P + p], for the classes below the returned count.
+inline int64_t classes_to_rows(const float* block, int64_t P, int64_t K, float* rows) {
+#ifdef NCFAST_HAS_TRANSPOSE
+  if (has_avx512()) return avx512::classes_to_rows(block, P, K, rows);
+#endif
+  return 0;
+}
+
+}  // namespace ncfast
