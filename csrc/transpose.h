@@ -61,31 +61,54 @@ NCFAST_AVX512 inline void transpose16(__m512 r[16]) {
   }
 }
 
+// Rows of at least 16 classes: blocks of 16 classes, the last one ending at K (it overlaps the
+// one before where 16 does not divide K, rewriting the same values).
+NCFAST_AVX512 inline int64_t last_block_start(int64_t k0, int64_t K) { return k0 + 16 <= K ? k0 : K - 16; }
+
 template <typename T>
 NCFAST_AVX512 int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_t P, float* zt) {
-  const int64_t classes = K / 16 * 16;
+  if (K < 16) return 0;
   for (int64_t p0 = 0; p0 < P; p0 += 16) {
-    for (int64_t k0 = 0; k0 < classes; k0 += 16) {
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int64_t k = last_block_start(k0, K);
       __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = load16(z + (p0 + i) * row_stride + k0);
+      for (int i = 0; i < 16; ++i) r[i] = load16(z + (p0 + i) * row_stride + k);
       transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(zt + (k0 + i) * P + p0, r[i]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(zt + (k + i) * P + p0, r[i]);
     }
   }
-  return classes;
+  return K;
 }
 
 NCFAST_AVX512 inline int64_t classes_to_rows(const float* block, int64_t P, int64_t K, float* rows) {
-  const int64_t classes = K / 16 * 16;
+  if (K >= 16) {
+    for (int64_t p0 = 0; p0 < P; p0 += 16) {
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int64_t k = last_block_start(k0, K);
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(block + (k + i) * P + p0);
+        transpose16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(rows + (p0 + i) * K + k, r[i]);
+      }
+    }
+    return K;
+  }
+  // Rows shorter than 16, padded with zeros in registers: each row's store runs 16 - K elements
+  // into the rows after it, which their own stores rewrite; the rows whose store would run past
+  // the last one are stored under a mask.
   for (int64_t p0 = 0; p0 < P; p0 += 16) {
-    for (int64_t k0 = 0; k0 < classes; k0 += 16) {
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(block + (k0 + i) * P + p0);
-      transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(rows + (p0 + i) * K + k0, r[i]);
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = i < K ? _mm512_loadu_ps(block + i * P + p0) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) {
+      if ((p0 + i) * K + 16 <= P * K) {
+        _mm512_storeu_ps(rows + (p0 + i) * K, r[i]);
+      } else {
+        _mm512_mask_storeu_ps(rows + (p0 + i) * K, static_cast<__mmask16>((1u << K) - 1), r[i]);
+      }
     }
   }
-  return classes;
+  return K;
 }
 
 }  // namespace avx512
@@ -97,7 +120,7 @@ inline bool has_avx512() {
 #endif
 
 // zt[k·P + p] = z[p·row_stride + k] (as fp32) for p < P (a multiple of 16) and k below the
-// returned count, K rounded down to a multiple of 16; the remaining classes are the caller's.
+// returned count: K for rows of 16 classes or more on AVX-512, else 0 (the caller's loop).
 template <typename T>
 inline int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_t P, float* zt) {
 #ifdef NCFAST_HAS_TRANSPOSE
@@ -108,7 +131,8 @@ inline int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_
   return 0;
 }
 
-// The way back: rows[p·K + k] = block[k·P + p], for the classes below the returned count.
+// The way back: rows[p·K + k] = block[k·P + p] for p < P and k below the returned count (K on
+// AVX-512, else 0).
 inline int64_t classes_to_rows(const float* block, int64_t P, int64_t K, float* rows) {
 #ifdef NCFAST_HAS_TRANSPOSE
   if (has_avx512()) return avx512::classes_to_rows(block, P, K, rows);
