@@ -11,8 +11,9 @@
 #include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// GCC 12 flags the intrinsics' own undefined-vector placeholders as maybe uninitialized.
+// GCC 12 flags the intrinsics' own undefined-vector placeholders as (maybe) uninitialized.
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
@@ -67,6 +68,8 @@ NCFAST_AVX512 inline int64_t last_block_start(int64_t k0, int64_t K) { return k0
 
 template <typename T>
 NCFAST_AVX512 int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_t P, float* zt) {
+  // Rows shorter than 16: the caller's strided loads are faster (measured with padded rows
+  // through registers: (1000000, 2) 1.4x the time, (3200000, 10) 1.05x).
   if (K < 16) return 0;
   for (int64_t p0 = 0; p0 < P; p0 += 16) {
     for (int64_t k0 = 0; k0 < K; k0 += 16) {
