@@ -1157,13 +1157,13 @@ double sum_rows(const A* row_loss, int64_t n) {
   return sum;
 }
 
-// A fresh gradient buffer of kHugePageMinBytes or more is a mapping of its own (glibc maps
-// blocks of 32 MiB and more apart and unmaps them when freed), whose pages the kernel's stores
-// fault in 4 KiB at a time: at short rows that costs more than the loss itself (a 128 MB copy
-// into a fresh buffer took 40 ms, into a huge-page one 13 ms, on a 2-core KVM guest). Such a
-// buffer is given transparent huge pages where the system grants them on request (THP
-// "madvise" mode), as torch does for its own allocations with THP_MEM_ALLOC_ENABLE=1; only
-// the 2 MiB pages wholly inside it, and a refusal changes nothing.
+// A fresh buffer of kHugePageMinBytes or more is a mapping of its own (glibc maps blocks of
+// 32 MiB and more apart and unmaps them when freed), whose pages the kernel's stores fault in
+// 4 KiB at a time: for a gradient at short rows that costs more than the loss itself (a 128 MB
+// copy into a fresh buffer took 40 ms, into a huge-page one 13 ms, on a 2-core KVM guest). The
+// Python side asks, where it allocates a gradient, for transparent huge pages where the system
+// grants them on request (THP "madvise" mode), as torch does for its own allocations with
+// THP_MEM_ALLOC_ENABLE=1; only the 2 MiB pages wholly inside it, and a refusal changes nothing.
 constexpr int64_t kHugePageMinBytes = int64_t(32) << 20;
 void advise_huge_pages(void* data, int64_t bytes) {
 #ifdef MADV_HUGEPAGE
@@ -1203,12 +1203,6 @@ double run_entry(Entry entry, const Call& call, const Buffers& buffers, bool mea
   args.grad_scale = mean ? 1.0 / total_weight : 1.0;
   const RowsFns<T> fns = rows_fns<T>();
   if (entry == Entry::forward) {
-    // A dense gradient that is not the logits' own buffer (in place) is freshly allocated.
-    const Layout& gl = args.grad_layout;
-    const int64_t S = args.inner;
-    const bool dense = S == 1 ? gl.classes == 1 && gl.outer == K : gl.inner == 1 && gl.classes == S && gl.outer == K * S;
-    if (dense && static_cast<const void*>(args.grad) != static_cast<const void*>(args.logits))
-      advise_huge_pages(args.grad, N * K * static_cast<int64_t>(sizeof(T)));
     // Rows with contiguous classes go one at a time when they are long enough to fill the
     // vector units, short rows a tile of rows at a time; class-strided (B, K, S) layouts a block
     // of positions along s at a time.
@@ -1414,6 +1408,14 @@ void register_losses(py::module_& m) {
       "logits' dtype), grad: (N, K), rows contiguous; row_loss, row_lse (or None): (N,) fp32 (fp64 "
       "for fp64 logits) receive ℓ_i and lse_i; class_weight: (K,) float64 or None. Row i of grad is "
       "grad_scale·∂ℓ_i/∂z_i.");
+  m.def(
+      "advise_huge_pages",
+      [](uintptr_t address, int64_t bytes) { advise_huge_pages(reinterpret_cast<void*>(address), bytes); },
+      py::arg("address"), py::arg("bytes"),
+      "Asks for transparent huge pages on the 2 MiB pages wholly inside a freshly allocated buffer "
+      "(address, bytes) of HUGE_PAGE_MIN_BYTES or more, before anything is written to it; does "
+      "nothing for a smaller one or where the system refuses.");
+  m.attr("HUGE_PAGE_MIN_BYTES") = kHugePageMinBytes;
   m.attr("LOSS_KINDS") = py::make_tuple("cross_entropy", "focal", "rescaled_mse");
 }
 

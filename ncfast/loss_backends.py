@@ -223,6 +223,15 @@ def forward(logits, target, weight, alpha, grad, lse, options: LossOptions) -> T
     return reduce_rows(rows, total, options.reduction, logits.dtype) if value is None else value
 
 
+def _fresh(buffer: Tensor) -> Tensor:
+    """A CPU buffer just allocated, given transparent huge pages where it is large enough to be
+    a mapping of its own (otherwise its 4 KiB page faults cost more than a short-row loss)."""
+    nbytes = buffer.numel() * buffer.element_size()
+    if nbytes >= _backend._C.HUGE_PAGE_MIN_BYTES:
+        _backend._C.advise_huge_pages(buffer.data_ptr(), nbytes)
+    return buffer
+
+
 class _GradientWorkspace:
     """The CPU gradient buffer, reused across steps.
 
@@ -245,7 +254,7 @@ class _GradientWorkspace:
         with self._lock:
             buffer = self._buffer
             if buffer is None or buffer.shape != shape or buffer.dtype != dtype or not self._unshared(buffer):
-                buffer = torch.empty(shape, dtype=dtype)
+                buffer = _fresh(torch.empty(shape, dtype=dtype))
                 self._buffer = buffer
             return buffer.view(shape)
 
@@ -269,4 +278,4 @@ def new_gradient(logits: Tensor) -> Tensor:
     if (logits.is_cpu and logits.numel() * logits.element_size() >= _WORKSPACE_MIN_BYTES
             and logits.is_contiguous() and hasattr(torch._C, "_storage_Use_Count")):
         return _workspace.take(logits.shape, logits.dtype)
-    return torch.empty_like(logits)
+    return _fresh(torch.empty_like(logits)) if logits.is_cpu else torch.empty_like(logits)

@@ -133,6 +133,43 @@ def test_gradient_of_32_mib_and_more():
         check_against_float64("cross_entropy", logits, target, {"label_smoothing": 0.1})
 
 
+def _huge_pages_on_request() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def _huge_page_eligible(address: int) -> bool:
+    """Whether the mapping holding ``address`` may get transparent huge pages (Linux smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and ":" not in first:
+                low, high = (int(part, 16) for part in first.split("-"))
+                inside = low <= address < high
+            elif inside and first == "THPeligible:":
+                return line.split()[1] == "1"
+    return False
+
+
+@pytest.mark.skipif(not _huge_pages_on_request(), reason="needs Linux transparent huge pages (madvise or always)")
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_fresh_large_gradient_may_take_huge_pages(contiguous):
+    """A gradient of 32 MiB or more is allocated with the request for huge pages (the workspace
+    for contiguous logits, a buffer of their layout otherwise)."""
+    logits, target = inputs((840000, 10), torch.float32, ignore=False)
+    if not contiguous:
+        logits = logits.t().contiguous().t()
+    logits.requires_grad_()
+    with ncfast.use_backend("cpp"):
+        ncfast.cross_entropy(logits, target).backward()
+    assert logits.grad.is_contiguous() == contiguous
+    assert _huge_page_eligible(logits.grad.data_ptr() + (4 << 20))
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (1, 5), (33, 1), (0, 3, 4, 4), (1, 1, 3, 3), (2, 5, 0), (2, 3, 0, 4)])
 def test_edge_shapes(shape):
     logits, target = inputs(shape, torch.float32, ignore=False)
