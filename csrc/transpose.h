@@ -62,15 +62,16 @@ NCFAST_AVX512 inline void transpose16(__m512 r[16]) {
   }
 }
 
+// The entry points are calls (two per tile of 32 rows): inlined into the release build's
+// AVX-512 clone of the tile loop they made its rows of 2 classes 10 % slower.
+#define NCFAST_AVX512_CALL NCFAST_AVX512 __attribute__((noinline))
+
 // Rows of at least 16 classes: blocks of 16 classes, the last one ending at K (it overlaps the
 // one before where 16 does not divide K, rewriting the same values).
 NCFAST_AVX512 inline int64_t last_block_start(int64_t k0, int64_t K) { return k0 + 16 <= K ? k0 : K - 16; }
 
 template <typename T>
-NCFAST_AVX512 int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_t P, float* zt) {
-  // Rows shorter than 16: the caller's strided loads are faster (measured with padded rows
-  // through registers: (1000000, 2) 1.4x the time, (3200000, 10) 1.05x).
-  if (K < 16) return 0;
+NCFAST_AVX512_CALL int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_t P, float* zt) {
   for (int64_t p0 = 0; p0 < P; p0 += 16) {
     for (int64_t k0 = 0; k0 < K; k0 += 16) {
       const int64_t k = last_block_start(k0, K);
@@ -83,8 +84,7 @@ NCFAST_AVX512 int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K,
   return K;
 }
 
-NCFAST_AVX512 inline int64_t classes_to_rows(const float* block, int64_t P, int64_t K, float* rows) {
-  if (K < 8) return 0;
+NCFAST_AVX512_CALL inline int64_t classes_to_rows(const float* block, int64_t P, int64_t K, float* rows) {
   if (K >= 16) {
     for (int64_t p0 = 0; p0 < P; p0 += 16) {
       for (int64_t k0 = 0; k0 < K; k0 += 16) {
@@ -99,8 +99,7 @@ NCFAST_AVX512 inline int64_t classes_to_rows(const float* block, int64_t P, int6
   }
   // Rows shorter than 16, padded with zeros in registers: each row's store runs 16 - K elements
   // into the rows after it, which their own stores rewrite; the rows whose store would run past
-  // the last one are stored under a mask. Below 8 classes the caller's loop is as fast or faster
-  // (one thread, the fraction of the time: (2000000, 8) 0.87, (4000000, 4) 0.99, (1000000, 2) 1.16).
+  // the last one are stored under a mask.
   for (int64_t p0 = 0; p0 < P; p0 += 16) {
     __m512 r[16];
     for (int i = 0; i < 16; ++i) r[i] = i < K ? _mm512_loadu_ps(block + i * P + p0) : _mm512_setzero_ps();
@@ -118,29 +117,32 @@ NCFAST_AVX512 inline int64_t classes_to_rows(const float* block, int64_t P, int6
 
 }  // namespace avx512
 
-inline bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
+// Read once when the module loads (the checks run per tile of rows).
+inline const bool kHasAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
 #endif
 
+// Rows shorter than these go element by element, as fast or faster there. Measured, one thread,
+// the fraction of the time through registers: padded rows in, (1000000, 2) 1.4, (3200000, 10)
+// 1.05; back, (2000000, 8) 0.87, (4000000, 4) 0.99, (1000000, 2) 1.16.
+constexpr int64_t kMinClassesIn = 16, kMinClassesBack = 8;
+
 // zt[k·P + p] = z[p·row_stride + k] (as fp32) for p < P (a multiple of 16) and k below the
-// returned count: K for rows of 16 classes or more on AVX-512, else 0 (the caller's loop).
+// returned count: K for rows of kMinClassesIn classes or more on AVX-512, else 0 (the caller's).
 template <typename T>
 inline int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_t P, float* zt) {
 #ifdef NCFAST_HAS_TRANSPOSE
   if constexpr (!std::is_same_v<T, double>) {
-    if (has_avx512()) return avx512::rows_to_classes(z, row_stride, K, P, zt);
+    if (K >= kMinClassesIn && kHasAvx512) return avx512::rows_to_classes(z, row_stride, K, P, zt);
   }
 #endif
   return 0;
 }
 
 // The way back: rows[p·K + k] = block[k·P + p] for p < P and k below the returned count (K for
-// rows of 8 classes or more on AVX-512, else 0: the caller's loop).
+// rows of kMinClassesBack classes or more on AVX-512, else 0: the caller's loop).
 inline int64_t classes_to_rows(const float* block, int64_t P, int64_t K, float* rows) {
 #ifdef NCFAST_HAS_TRANSPOSE
-  if (has_avx512()) return avx512::classes_to_rows(block, P, K, rows);
+  if (K >= kMinClassesBack && kHasAvx512) return avx512::classes_to_rows(block, P, K, rows);
 #endif
   return 0;
 }
