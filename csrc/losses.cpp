@@ -103,10 +103,10 @@ struct Lanes {
   static constexpr int L = kLineElements<T>;
   A max[L], sum[L];
   int nan[L];
-  explicit Lanes(A max0) {
+  NCFAST_INLINE explicit Lanes(A max0) {
     for (int q = 0; q < L; ++q) max[q] = max0, sum[q] = 0, nan[q] = 0;
   }
-  void reduce(A& out_max, A& out_sum, int& out_nan) const {
+  NCFAST_INLINE void reduce(A& out_max, A& out_sum, int& out_nan) const {
     for (int q = 0; q < L; ++q) {
       out_max = max[q] > out_max ? max[q] : out_max;
       out_sum += sum[q];
@@ -135,7 +135,7 @@ template <const Prefetch& kAhead, typename A, typename T, typename Value>
 NCFAST_INLINE A sweep_sum(const T* z, int64_t n, Value&& value) {
   constexpr int L = kLineElements<T>;
   A lanes[L] = {};
-  sweep_lines<kAhead>(z, n, [&](int q, int64_t j) { lanes[q] += value(j); });
+  sweep_lines<kAhead>(z, n, [&](int q, int64_t j) NCFAST_INLINE_LAMBDA { lanes[q] += value(j); });
   A sum = 0;
   for (int q = 0; q < L; ++q) sum += lanes[q];
   return sum;
@@ -152,7 +152,7 @@ NCFAST_INLINE RowStats<A> row_stats(const T* z, int64_t y_local, const Slice& sl
   if (local_target) s.target_logit = load_logit<kCap>(z[y_local], cap, inv_cap);
   if (kind == kRescaledMSE) {
     Lanes<T, A> lanes(0);
-    sweep_lines<kSweepPrefetch>(z, K, [&](int q, int64_t j) {
+    sweep_lines<kSweepPrefetch>(z, K, [&](int q, int64_t j) NCFAST_INLINE_LAMBDA {
       A zj = load_logit<kCap>(z[j], cap, inv_cap);
       lanes.sum[q] += j == y_local ? A(0) : zj * zj;
       lanes.nan[q] |= (zj != zj);
@@ -173,7 +173,7 @@ NCFAST_INLINE RowStats<A> row_stats(const T* z, int64_t y_local, const Slice& sl
     const int64_t n = std::min(kRowBlock, K - start);
     const T* zb = z + start;
     Lanes<T, A> lanes(minus_inf);
-    sweep_lines<kSweepPrefetch>(zb, n, [&](int q, int64_t j) {
+    sweep_lines<kSweepPrefetch>(zb, n, [&](int q, int64_t j) NCFAST_INLINE_LAMBDA {
       A zj = load_logit<kCap>(zb[j], cap, inv_cap);
       lanes.max[q] = zj > lanes.max[q] ? zj : lanes.max[q];
       lanes.nan[q] |= (zj != zj);
@@ -192,14 +192,14 @@ NCFAST_INLINE RowStats<A> row_stats(const T* z, int64_t y_local, const Slice& sl
     if (e) block_ref[b] = max;
     if (max == minus_inf) continue;  // all -inf so far: nothing to add
     if (e) {
-      sumexp += sweep_sum<kNextBlockPrefetch<T>, A>(zb, n, [&](int64_t j) {
+      sumexp += sweep_sum<kNextBlockPrefetch<T>, A>(zb, n, [&](int64_t j) NCFAST_INLINE_LAMBDA {
         const A ej = vexp(load_logit<kCap>(zb[j], cap, inv_cap) - max);
         e[start + j] = ej;
         return ej;
       });
     } else {
       sumexp += sweep_sum<kNextBlockPrefetch<T>, A>(
-          zb, n, [&](int64_t j) { return vexp(load_logit<kCap>(zb[j], cap, inv_cap) - max); });
+          zb, n, [&](int64_t j) NCFAST_INLINE_LAMBDA { return vexp(load_logit<kCap>(zb[j], cap, inv_cap) - max); });
     }
   }
   s.max = max;
@@ -319,13 +319,16 @@ NCFAST_INLINE RowResult<A> row_result(const RowStats<A>& s, const LossOptions& o
 // Where v_j comes from in the gradient sweep.
 enum class Values { stored_exp, recomputed_exp, logits };
 
-// Stores one finished cache line of gradient values (`dst` 64-byte aligned) with streaming
-// stores: the gradient is not read again here, so fetching its lines into the cache first (a
-// write-allocate) would add half again to the memory traffic.
-template <typename T, typename A>
-NCFAST_INLINE void stream_line(T* dst, const A* line) {
+// Stores one cache line of gradient values, dst[q] = value(q) (`dst` 64-byte aligned), with
+// streaming stores: the gradient is not read again here, so fetching its lines into the cache
+// first (a write-allocate) would add half again to the memory traffic. The values are rounded
+// straight into the line's registers (a line staged in fp32 on the stack first, stored and
+// read back, cost a tenth of a bf16 tile's time where the stack and the source aliased).
+template <typename T, typename Value>
+NCFAST_INLINE void stream_line(T* dst, Value&& value) {
   alignas(64) T out[kLineElements<T>];
-  for (int q = 0; q < kLineElements<T>; ++q) out[q] = from_acc<T>(line[q]);
+#pragma omp simd
+  for (int q = 0; q < kLineElements<T>; ++q) out[q] = from_acc<T>(value(q));
   for (int k = 0; k < 4; ++k) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst) + k, _mm_load_si128(reinterpret_cast<const __m128i*>(out) + k));
   }
@@ -341,15 +344,16 @@ NCFAST_INLINE void write_lines(T* dst, int64_t n, int64_t special, A special_val
   const uintptr_t address = reinterpret_cast<uintptr_t>(dst);
   const int64_t to_line = static_cast<int64_t>((64 - address % 64) % 64 / sizeof(T));
   const int64_t head = address % sizeof(T) != 0 ? n : std::min(n, to_line);
-  auto one = [&](int64_t j) { dst[j] = from_acc<T>(j == special ? special_value : value(j)); };
+  auto one = [&](int64_t j) NCFAST_INLINE_LAMBDA { dst[j] = from_acc<T>(j == special ? special_value : value(j)); };
   int64_t j = 0;
   for (; j < head; ++j) one(j);
   for (; j + L <= n; j += L) {
-    alignas(64) A line[L];
-#pragma omp simd
-    for (int q = 0; q < L; ++q) line[q] = value(j + q);
-    if (static_cast<uint64_t>(special - j) < static_cast<uint64_t>(L)) line[special - j] = special_value;
-    stream_line(dst + j, line);
+    const int64_t at_special = special - j;
+    if (static_cast<uint64_t>(at_special) < static_cast<uint64_t>(L)) {  // the line holding it
+      stream_line(dst + j, [&](int q) NCFAST_INLINE_LAMBDA { return q == at_special ? special_value : value(j + q); });
+    } else {
+      stream_line(dst + j, [&](int q) NCFAST_INLINE_LAMBDA { return value(j + q); });
+    }
   }
   for (; j < n; ++j) one(j);
 }
@@ -363,7 +367,7 @@ NCFAST_INLINE void write_gradient(T* g, const T* z, const A* e, const A* block_r
     const int64_t n = std::min(kRowBlock, K - start);
     A ga_block = ga;
     if constexpr (kValues == Values::stored_exp) ga_block = ga * vexp(block_ref[b] - max);
-    write_lines<A>(g + start, n, y_local - start, grad_target, [&](int64_t j) {
+    write_lines<A>(g + start, n, y_local - start, grad_target, [&](int64_t j) NCFAST_INLINE_LAMBDA {
       A v, zj = 0;
       if constexpr (kCap || kValues != Values::stored_exp) zj = load_logit<kCap>(z[start + j], cap, inv_cap);
       if constexpr (kValues == Values::stored_exp) {
@@ -536,11 +540,11 @@ NCFAST_INLINE void loss_rows(const LossArgs<T>& args, int64_t begin, int64_t end
 constexpr int kTile = 32;
 inline int64_t tile_max_classes(int kind) { return kind == kRescaledMSE ? 16 : 128; }
 
-// factor[p] = vector[y[p]] for a tile's targets, 1 without a vector.
+// factor[p] = vector[y[p]] for a tile's targets (class 0 where y[p] = -1), 1 without a vector.
 template <typename A>
-NCFAST_INLINE void per_target_factor(const double* vector, const int64_t* y, A* factor) {
+NCFAST_INLINE void per_target_factor(const double* vector, const int32_t* y, A* factor) {
   if (vector) {
-    for (int p = 0; p < kTile; ++p) factor[p] = static_cast<A>(vector[y[p]]);
+    for (int p = 0; p < kTile; ++p) factor[p] = static_cast<A>(vector[y[p] < 0 ? 0 : y[p]]);
   } else {
 #pragma omp simd
     for (int p = 0; p < kTile; ++p) factor[p] = A(1);
@@ -568,22 +572,22 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
     const bool one_segment = S > 1 && i0 / S == (i0 + P - 1) / S;
     // A full tile of rows, or of positions within one b: position p lies p·stride from the first.
     const bool evenly_spaced = n == P && (S == 1 || one_segment);
-    alignas(64) int64_t y[P];
-    alignas(64) int active[P];
     // The tile's targets: p·stride apart where the positions are consecutive in one b.
+    alignas(64) int64_t loaded[P];
     const int64_t* tile_target = args.target + tl.at(i0, S);
     const int64_t target_stride = S == 1 ? tl.outer : tl.inner;
     if (evenly_spaced) {
 #pragma omp simd
-      for (int p = 0; p < P; ++p) y[p] = tile_target[p * target_stride];
+      for (int p = 0; p < P; ++p) loaded[p] = tile_target[p * target_stride];
     } else {
-      for (int p = 0; p < P; ++p) y[p] = args.target[tl.at(i0 + (p < n ? p : 0), S)];
+      for (int p = 0; p < P; ++p) loaded[p] = args.target[tl.at(i0 + (p < n ? p : 0), S)];
     }
+    // As int32 (K < 2^31, checked at the entry), -1 where there is no loss (ignored, padding): compared with k on
+    // as many lanes as the accumulators, where int64 targets took two vectors of them.
+    alignas(64) int32_t y[P];
+    const int64_t ignore_index = args.ignore_index;
 #pragma omp simd
-    for (int p = 0; p < P; ++p) {
-      active[p] = p < n && y[p] != args.ignore_index;
-      y[p] = active[p] ? y[p] : 0;
-    }
+    for (int p = 0; p < P; ++p) y[p] = p < n && loaded[p] != ignore_index ? static_cast<int32_t>(loaded[p]) : -1;
     if (evenly_spaced) {
       // Class by class across the tile's positions: zl.inner apart within one b, rows
       // zl.outer apart (a strided load; one position's classes at a time costs a loop per row).
@@ -611,7 +615,7 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
     for (int p = 0; p < P; ++p) {
       max[p] = kSoftmax ? -std::numeric_limits<A>::infinity() : A(0);
       sum[p] = weighted_sum[p] = has_nan[p] = 0;
-      target_logit[p] = zt[y[p] * P + p];
+      target_logit[p] = zt[(y[p] < 0 ? 0 : y[p]) * P + p];
     }
     for (int64_t k = 0; k < K; ++k) {
       const A uk = kColumnWeights ? static_cast<A>(u[k]) : A(1);
@@ -623,7 +627,7 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
           max[p] = z > max[p] ? z : max[p];
           weighted_sum[p] += uk * z;
         } else {
-          sum[p] += k == y[p] ? A(0) : z * z;
+          sum[p] += static_cast<int32_t>(k) == y[p] ? A(0) : z * z;
         }
       }
     }
@@ -647,7 +651,7 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
     for (int p = 0; p < P; ++p) {
       const RowStats<A> st{max[p], sum[p], target_logit[p], weighted_sum[p], has_nan[p]};
       const RowResult<A> r = row_result_of<kKind, LaneMath>(st, opt, w_y[p], alpha_y[p], W, args.slice.total);
-      const bool on = active[p] != 0;
+      const bool on = y[p] >= 0;
       ga[p] = on ? scale * r.a : A(0);
       gc[p] = on ? scale * r.c : A(0);
       gy[p] = on ? scale * r.grad_target * cap_derivative<kCap>(target_logit[p], inv_cap) : A(0);
@@ -660,7 +664,7 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
       for (int p = 0; p < P; ++p) {
         const A z = zt[k * P + p], v = kSoftmax ? out[k * P + p] : z;
         const A g = (ga[p] * v + gc[p] * uk) * cap_derivative<kCap>(z, inv_cap);
-        out[k * P + p] = active[p] == 0 ? A(0) : (k == y[p] ? gy[p] : g);
+        out[k * P + p] = y[p] < 0 ? A(0) : (static_cast<int32_t>(k) == y[p] ? gy[p] : g);
       }
     }
     // Stored with streaming stores where whole cache lines are written (write_lines).
@@ -955,45 +959,102 @@ NCFAST_LOSS_ROWS(bf16, bf16, float)
 NCFAST_LOSS_ROWS(f16, f16, float)
 #undef NCFAST_LOSS_ROWS
 
-// Checks every target against [0, total) (out-of-range values are reported, never read
-// through) and returns Σ_i w_{y_i} over the positions that are not ignored. The positions go
-// b by b, s by s: no division per position (one costs as much as a few logits' work). Each run
-// of S positions is checked with a branch-free count (vectorised), and searched for the bad
-// value only when there is one; without class weights the sum is that count.
-double check_targets(const int64_t* target, const Layout& layout, int64_t n, int64_t S, int64_t total,
-                     int64_t ignore_index, const double* class_weight) {
-  if (n == 0) return 0;  // also S = 0, which has no runs to divide into
-  // (N,) targets: one run of N positions, `outer` apart.
-  const int64_t runs = S == 1 ? 1 : n / S, run_length = S == 1 ? n : S;
-  const int64_t run_stride = S == 1 ? 0 : layout.outer, stride = S == 1 ? layout.outer : layout.inner;
-  double sum = 0;
-  int64_t count = 0;
-  for (int64_t b = 0; b < runs; ++b) {
-    const int64_t* run = target + b * run_stride;
-    int64_t bad = 0;
-#pragma omp simd reduction(+ : count, bad)
-    for (int64_t s = 0; s < run_length; ++s) {
-      const int64_t y = run[s * stride];
-      const bool ignored = y == ignore_index;
-      count += !ignored;
-      bad += !ignored && (y < 0 || y >= total);
-    }
-    for (int64_t s = 0; bad && s < run_length; ++s) {
-      const int64_t y = run[s * stride];
-      if (y != ignore_index && (y < 0 || y >= total)) {
-        throw py::value_error("target: value " + std::to_string(y) + " at index " + std::to_string(b * run_length + s) +
-                              " is out of range [0, " + std::to_string(total) + ") and is not ignore_index=" +
-                              std::to_string(ignore_index));
+// What a stretch of targets holds: the positions not ignored, those out of range, and Σ w_y.
+struct TargetCount {
+  int64_t counted = 0, bad = 0;
+  double weight = 0;
+};
+
+// The targets of positions [begin, end) (b-major, S per b), one stretch of consecutive s of one
+// b at a time (no division per position), each counted branch-free (vectorised; a contiguous
+// stretch with plain vector loads). Σ w_y goes into eight interleaved partial sums, as
+// sum_rows does, so that it is not one chain of dependent adds; it is skipped where a target is
+// out of range (w_y would be read out of bounds).
+template <typename Target>
+NCFAST_INLINE TargetCount count_targets(Target&& target_at, int64_t begin, int64_t end, int64_t S, int64_t total,
+                                        int64_t ignore_index, const double* class_weight) {
+  TargetCount c;
+  for (int64_t i = begin; i < end;) {
+    const int64_t b = i / S, s0 = i % S, length = std::min(end - i, S - s0);
+    int64_t counted = 0, bad = 0;
+    target_at(b, s0, [&](auto y) NCFAST_INLINE_LAMBDA {
+#pragma omp simd reduction(+ : counted, bad)
+      for (int64_t s = 0; s < length; ++s) {
+        const int64_t value = y(s);
+        const bool ignored = value == ignore_index;
+        counted += !ignored;
+        bad += !ignored && (value < 0 || value >= total);
       }
-    }
-    if (class_weight) {
-      for (int64_t s = 0; s < run_length; ++s) {
-        const int64_t y = run[s * stride];
-        if (y != ignore_index) sum += class_weight[y];
+      if (class_weight && bad == 0) {
+        double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t s = 0; s < length; ++s) {
+          const int64_t value = y(s);
+          lanes[s % 8] += value != ignore_index ? class_weight[value] : 0.0;
+        }
+        c.weight += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
       }
-    }
+    });
+    c.counted += counted;
+    c.bad += bad;
+    i += length;
   }
-  return class_weight ? sum : static_cast<double>(count);
+  return c;
+}
+
+// Positions per chunk of the target check: chunks, not threads, fix the order of Σ w_y.
+constexpr int64_t kTargetChunk = 32768;
+
+NCFAST_CLONES void count_target_chunks(const int64_t* target, const Layout& layout, int64_t n, int64_t S,
+                                       int64_t total, int64_t ignore_index, const double* class_weight,
+                                       int64_t first_chunk, int64_t end_chunk, TargetCount* counts) {
+  // (N,) targets are one b of N positions `outer` apart.
+  const int64_t run_stride = S == 1 ? 0 : layout.outer, stride = S == 1 ? layout.outer : layout.inner;
+  const int64_t positions_per_b = S == 1 ? n : S;
+  for (int64_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
+    auto target_at = [&](int64_t b, int64_t s0, auto&& body) NCFAST_INLINE_LAMBDA {
+      const int64_t* run = target + b * run_stride + s0 * stride;
+      if (stride == 1) {
+        body([run](int64_t s) NCFAST_INLINE_LAMBDA { return run[s]; });
+      } else {
+        body([run, stride](int64_t s) NCFAST_INLINE_LAMBDA { return run[s * stride]; });
+      }
+    };
+    counts[chunk] = count_targets(target_at, chunk * kTargetChunk, std::min(n, (chunk + 1) * kTargetChunk),
+                                  positions_per_b, total, ignore_index, class_weight);
+  }
+}
+
+// Checks every target against [0, total) (out-of-range values are reported, never read
+// through) and returns Σ_i w_{y_i} over the positions that are not ignored (without class
+// weights, their count). Chunks of positions are counted in parallel and combined in order:
+// the same bits for every thread count. The first bad value is searched for only when there is one.
+double check_targets(const int64_t* target, const Layout& layout, int64_t n, int64_t S, int64_t total,
+                     int64_t ignore_index, const double* class_weight, int num_threads) {
+  if (n == 0) return 0;  // also S = 0, which has no runs to divide into
+  const int64_t chunks = (n + kTargetChunk - 1) / kTargetChunk;
+  std::vector<TargetCount> counts(chunks);
+  const int threads = static_cast<int>(std::min<int64_t>(thread_count(num_threads), chunks));
+  parallel_ranges(chunks, threads, [&](int64_t begin, int64_t end) {
+    count_target_chunks(target, layout, n, S, total, ignore_index, class_weight, begin, end, counts.data());
+  });
+  double sum = 0;
+  int64_t counted = 0;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const TargetCount& c = counts[chunk];
+    if (c.bad) {
+      for (int64_t i = chunk * kTargetChunk; i < n; ++i) {
+        const int64_t y = target[layout.at(i, S)];
+        if (y != ignore_index && (y < 0 || y >= total)) {
+          throw py::value_error("target: value " + std::to_string(y) + " at index " + std::to_string(i) +
+                                " is out of range [0, " + std::to_string(total) + ") and is not ignore_index=" +
+                                std::to_string(ignore_index));
+        }
+      }
+    }
+    sum += c.weight;
+    counted += c.counted;
+  }
+  return class_weight ? sum : static_cast<double>(counted);
 }
 
 const double* optional_vector(const py::object& obj, const char* name, int64_t size) {
@@ -1198,7 +1259,7 @@ double run_entry(Entry entry, const Call& call, const Buffers& buffers, bool mea
   py::gil_scoped_release release;
   // Every entry reads class_weight[y] and alpha[y]: all targets are checked first.
   const double counted_weight = check_targets(args.target, args.target_layout, N, args.inner, args.slice.total,
-                                              args.ignore_index, args.class_weight);
+                                              args.ignore_index, args.class_weight, num_threads);
   if (entry == Entry::forward) total_weight = counted_weight;
   args.grad_scale = mean ? 1.0 / total_weight : 1.0;
   const RowsFns<T> fns = rows_fns<T>();
@@ -1207,9 +1268,11 @@ double run_entry(Entry entry, const Call& call, const Buffers& buffers, bool mea
     // vector units, short rows a tile of rows at a time; class-strided (B, K, S) layouts a block
     // of positions along s at a time.
     const bool rows = (args.logits_layout.classes == 1 && args.grad_layout.classes == 1) || K == 1;
+    // The vector paths compare int32 targets with k.
+    if ((!rows || K <= tile_max_classes(call.kind)) && K > std::numeric_limits<int32_t>::max())
+      throw py::value_error("logits: more than 2^31 - 1 classes in a layout whose classes are not contiguous");
     if (!rows && args.inner > 1) {
       const int64_t blocks = buffers.logits.B * ((args.inner + strided_block(K) - 1) / strided_block(K));
-      if (K > std::numeric_limits<int32_t>::max()) throw py::value_error("logits: more than 2^31 - 1 classes");
       run_rows<T>(args, fns.strided, blocks, strided_scratch_size(K), num_threads);
     } else if (!rows || K <= tile_max_classes(call.kind)) {
       run_rows<T>(args, fns.tiles, (N + kTile - 1) / kTile, 2 * K * kTile, num_threads);

@@ -362,6 +362,54 @@ def test_omp_num_threads_one_gives_the_same_bits(tmp_path):
         torch.set_num_threads(threads)
 
 
+# ---------------------------------------------------------------------------- the target check
+# The targets are checked, counted and their class weights summed in chunks of 32768 positions
+# in parallel: (N,) targets and class-strided (B, S) ones whose b change inside a chunk, with
+# strided targets, over several chunks.
+TARGET_CASES = {
+    "rows": ((100003, 3), False),
+    "rows_strided_targets": ((70001, 3), True),
+    "class_strided": ((3, 5, 30001), False),
+    "class_strided_strided_targets": ((3, 5, 30001), True),
+}
+
+
+def _weighted_mean(name):
+    (shape, strided_targets) = TARGET_CASES[name]
+    logits, target = inputs(shape, torch.float32, seed=3)
+    if strided_targets:  # the same values, every other element of a larger buffer
+        target = torch.stack([target, torch.zeros_like(target)], dim=-1)[..., 0]
+        assert not target.is_contiguous()
+    weight = torch.linspace(0.5, 2.0, shape[1])
+    with ncfast.use_backend("cpp"):
+        return ncfast.cross_entropy(logits, target, weight=weight), logits, target, weight
+
+
+@pytest.mark.parametrize("name", list(TARGET_CASES))
+def test_weighted_mean_over_chunks_of_targets(name):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial, logits, target, weight = _weighted_mean(name)
+        torch.set_num_threads(2)
+        parallel = _weighted_mean(name)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
+    expected = torch.nn.functional.cross_entropy(logits.double(), target, weight=weight.double())
+    assert_close(serial, expected, torch.float32)
+
+
+@pytest.mark.parametrize("shape,position", [((100000, 4), 70001), ((3, 4, 30000), 2 * 30000 + 17)],
+                         ids=["rows", "class_strided"])
+def test_out_of_range_target_past_the_first_chunk(shape, position):
+    logits, target = inputs(shape, torch.float32, ignore=False)
+    target.view(-1)[position] = shape[1]
+    target.view(-1)[position + 5] = -3  # a later bad value: the first one is reported
+    with ncfast.use_backend("cpp"), pytest.raises(ValueError, match=f"target: value {shape[1]} at index {position} "):
+        ncfast.cross_entropy(logits, target)
+
+
 # ---------------------------------------------------------------------------- allocation failure
 @pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
                     reason="AddressSanitizer reserves its shadow memory against the address-space limit")
