@@ -582,8 +582,8 @@ NCFAST_INLINE void loss_tiles_impl(const LossArgs<T>& args, int64_t first_tile, 
     } else {
       for (int p = 0; p < P; ++p) loaded[p] = args.target[tl.at(i0 + (p < n ? p : 0), S)];
     }
-    // As int32 (K < 2^31, checked at the entry), -1 where there is no loss (ignored, padding): compared with k on
-    // as many lanes as the accumulators, where int64 targets took two vectors of them.
+    // As int32 (K < 2^31, checked at the entry), -1 where there is no loss (ignored, padding):
+    // compared with k on as many lanes as the accumulators (int64 targets took two vectors).
     alignas(64) int32_t y[P];
     const int64_t ignore_index = args.ignore_index;
 #pragma omp simd
@@ -965,62 +965,58 @@ struct TargetCount {
   double weight = 0;
 };
 
-// The targets of positions [begin, end) (b-major, S per b), one stretch of consecutive s of one
-// b at a time (no division per position), each counted branch-free (vectorised; a contiguous
-// stretch with plain vector loads). Σ w_y goes into eight interleaved partial sums, as
-// sum_rows does, so that it is not one chain of dependent adds; it is skipped where a target is
-// out of range (w_y would be read out of bounds).
+// Adds `length` targets, y(s) for s in [0, length), to `c`: counted branch-free (vectorised),
+// Σ w_y in eight interleaved partial sums (as sum_rows; not one chain of dependent adds), skipped
+// where a target is out of range (w_y would be read out of bounds).
 template <typename Target>
-NCFAST_INLINE TargetCount count_targets(Target&& target_at, int64_t begin, int64_t end, int64_t S, int64_t total,
-                                        int64_t ignore_index, const double* class_weight) {
-  TargetCount c;
-  for (int64_t i = begin; i < end;) {
-    const int64_t b = i / S, s0 = i % S, length = std::min(end - i, S - s0);
-    int64_t counted = 0, bad = 0;
-    target_at(b, s0, [&](auto y) NCFAST_INLINE_LAMBDA {
+NCFAST_INLINE void count_stretch(Target&& y, int64_t length, int64_t total, int64_t ignore_index,
+                                 const double* class_weight, TargetCount& c) {
+  int64_t counted = 0, bad = 0;
 #pragma omp simd reduction(+ : counted, bad)
-      for (int64_t s = 0; s < length; ++s) {
-        const int64_t value = y(s);
-        const bool ignored = value == ignore_index;
-        counted += !ignored;
-        bad += !ignored && (value < 0 || value >= total);
-      }
-      if (class_weight && bad == 0) {
-        double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t s = 0; s < length; ++s) {
-          const int64_t value = y(s);
-          lanes[s % 8] += value != ignore_index ? class_weight[value] : 0.0;
-        }
-        c.weight += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-      }
-    });
-    c.counted += counted;
-    c.bad += bad;
-    i += length;
+  for (int64_t s = 0; s < length; ++s) {
+    const int64_t value = y(s);
+    const bool ignored = value == ignore_index;
+    counted += !ignored;
+    bad += !ignored && (value < 0 || value >= total);
   }
-  return c;
+  c.counted += counted;
+  c.bad += bad;
+  if (class_weight && bad == 0) {
+    double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t s = 0; s < length; ++s) {
+      const int64_t value = y(s);
+      lanes[s % 8] += value != ignore_index ? class_weight[value] : 0.0;
+    }
+    c.weight += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  }
 }
 
 // Positions per chunk of the target check: chunks, not threads, fix the order of Σ w_y.
 constexpr int64_t kTargetChunk = 32768;
 
+// counts[c] for the chunks c in [first_chunk, end_chunk) of n positions (b-major, S per b),
+// each one stretch of consecutive s of one b at a time (no division per position).
 NCFAST_CLONES void count_target_chunks(const int64_t* target, const Layout& layout, int64_t n, int64_t S,
                                        int64_t total, int64_t ignore_index, const double* class_weight,
                                        int64_t first_chunk, int64_t end_chunk, TargetCount* counts) {
   // (N,) targets are one b of N positions `outer` apart.
   const int64_t run_stride = S == 1 ? 0 : layout.outer, stride = S == 1 ? layout.outer : layout.inner;
-  const int64_t positions_per_b = S == 1 ? n : S;
+  const int64_t per_b = S == 1 ? n : S;
   for (int64_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
-    auto target_at = [&](int64_t b, int64_t s0, auto&& body) NCFAST_INLINE_LAMBDA {
+    TargetCount c;
+    for (int64_t i = chunk * kTargetChunk, end = std::min(n, i + kTargetChunk); i < end;) {
+      const int64_t b = i / per_b, s0 = i % per_b, length = std::min(end - i, per_b - s0);
       const int64_t* run = target + b * run_stride + s0 * stride;
       if (stride == 1) {
-        body([run](int64_t s) NCFAST_INLINE_LAMBDA { return run[s]; });
+        count_stretch([run](int64_t s) NCFAST_INLINE_LAMBDA { return run[s]; }, length, total, ignore_index,
+                      class_weight, c);
       } else {
-        body([run, stride](int64_t s) NCFAST_INLINE_LAMBDA { return run[s * stride]; });
+        count_stretch([run, stride](int64_t s) NCFAST_INLINE_LAMBDA { return run[s * stride]; }, length, total,
+                      ignore_index, class_weight, c);
       }
-    };
-    counts[chunk] = count_targets(target_at, chunk * kTargetChunk, std::min(n, (chunk + 1) * kTargetChunk),
-                                  positions_per_b, total, ignore_index, class_weight);
+      i += length;
+    }
+    counts[chunk] = c;
   }
 }
 
