@@ -12,6 +12,18 @@
 #include <omp.h>
 #endif
 
+// AVX-512 code paths picked at run time by kHasAvx512: functions marked NCFAST_AVX512 are
+// inlined into the AVX-512 clone of their callers and stay calls in the others.
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12 flags the intrinsics' own undefined-vector placeholders as (maybe) uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define NCFAST_AVX512 __attribute__((target("avx512f")))
+#endif
+
 namespace py = pybind11;
 
 namespace ncfast {
@@ -24,9 +36,15 @@ namespace ncfast {
 #define NCFAST_CLONES
 #endif
 #define NCFAST_INLINE inline __attribute__((always_inline))
+
 // A lambda inlined into its caller, so that it is compiled for the caller's target clone (on
 // its own it would be built for the baseline ISA).
 #define NCFAST_INLINE_LAMBDA __attribute__((always_inline))
+
+#ifdef NCFAST_AVX512
+// Read once when the module loads (the checks run per tile or per cache line).
+inline const bool kHasAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+#endif
 
 // Element types the kernels read and write. bf16 travels as raw 16-bit words (numpy has no
 // bfloat16), fp16 as _Float16.

@@ -324,11 +324,21 @@ enum class Values { stored_exp, recomputed_exp, logits };
 // first (a write-allocate) would add half again to the memory traffic. The values are rounded
 // straight into the line's registers (a line staged in fp32 on the stack first, stored and
 // read back, cost a tenth of a bf16 tile's time where the stack and the source aliased).
+// On AVX-512 the line goes out in one 64-byte store, not four of 16 bytes (kernel alone, one
+// thread: 0.91-1.0x the time, bf16 (4096, 32000) MSE 0.91x).
+#ifdef NCFAST_AVX512
+NCFAST_AVX512 inline void stream_line64(void* dst, const void* line) {
+  _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(line));
+}
+#endif
 template <typename T, typename Value>
 NCFAST_INLINE void stream_line(T* dst, Value&& value) {
   alignas(64) T out[kLineElements<T>];
 #pragma omp simd
   for (int q = 0; q < kLineElements<T>; ++q) out[q] = from_acc<T>(value(q));
+#ifdef NCFAST_AVX512
+  if (kHasAvx512) return stream_line64(dst, out);
+#endif
   for (int k = 0; k < 4; ++k) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst) + k, _mm_load_si128(reinterpret_cast<const __m128i*>(out) + k));
   }

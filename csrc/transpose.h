@@ -10,20 +10,9 @@
 
 #include "common.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// GCC 12 flags the intrinsics' own undefined-vector placeholders as (maybe) uninitialized.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define NCFAST_HAS_TRANSPOSE 1
-#define NCFAST_AVX512 __attribute__((target("avx512f")))
-#endif
-
 namespace ncfast {
 
-#ifdef NCFAST_HAS_TRANSPOSE
+#ifdef NCFAST_AVX512
 namespace avx512 {
 
 // 16 consecutive elements as fp32.
@@ -116,9 +105,6 @@ NCFAST_AVX512_CALL inline int64_t classes_to_rows(const float* block, int64_t P,
 }
 
 }  // namespace avx512
-
-// Read once when the module loads (the checks run per tile of rows).
-inline const bool kHasAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
 #endif
 
 // Rows shorter than these go element by element, as fast or faster there. Measured, one thread,
@@ -130,7 +116,7 @@ constexpr int64_t kMinClassesIn = 16, kMinClassesBack = 8;
 // returned count: K for rows of kMinClassesIn classes or more on AVX-512, else 0 (the caller's).
 template <typename T>
 inline int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_t P, float* zt) {
-#ifdef NCFAST_HAS_TRANSPOSE
+#ifdef NCFAST_AVX512
   if constexpr (!std::is_same_v<T, double>) {
     if (K >= kMinClassesIn && kHasAvx512) return avx512::rows_to_classes(z, row_stride, K, P, zt);
   }
@@ -141,7 +127,7 @@ inline int64_t rows_to_classes(const T* z, int64_t row_stride, int64_t K, int64_
 // The way back: rows[p·K + k] = block[k·P + p] for p < P and k below the returned count (K for
 // rows of kMinClassesBack classes or more on AVX-512, else 0: the caller's loop).
 inline int64_t classes_to_rows(const float* block, int64_t P, int64_t K, float* rows) {
-#ifdef NCFAST_HAS_TRANSPOSE
+#ifdef NCFAST_AVX512
   if (K >= kMinClassesBack && kHasAvx512) return avx512::classes_to_rows(block, P, K, rows);
 #endif
   return 0;
