@@ -12,8 +12,8 @@
 #include <omp.h>
 #endif
 
-// AVX-512 code paths picked at run time by kHasAvx512: functions marked NCFAST_AVX512 are
-// inlined into the AVX-512 clone of their callers and stay calls in the others.
+// AVX-512 code paths picked at run time by kHasAvx512: a function marked NCFAST_AVX512 can be
+// inlined only into the AVX-512 clone of its caller; the other clones call it.
 #if defined(__x86_64__) && defined(__GNUC__)
 // GCC 12 flags the intrinsics' own undefined-vector placeholders as (maybe) uninitialized.
 #pragma GCC diagnostic push
@@ -36,7 +36,6 @@ namespace ncfast {
 #define NCFAST_CLONES
 #endif
 #define NCFAST_INLINE inline __attribute__((always_inline))
-
 // A lambda inlined into its caller, so that it is compiled for the caller's target clone (on
 // its own it would be built for the baseline ISA).
 #define NCFAST_INLINE_LAMBDA __attribute__((always_inline))
